@@ -1,0 +1,82 @@
+"""Two-way transformer of the mask decoder."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .attention import Attention
+from .two_way_attention_block import TwoWayAttentionBlock
+
+
+class TwoWayTransformer(nn.Module):
+    """Updates prompt tokens and the image embedding by attending each to the other.
+
+    Shapes: image embedding and its positional encoding (B_img, C, h, w) — B_img is 1 (shared by
+    every prompt) or B —, prompt tokens (B, N_tokens, C). Returns the updated tokens
+    (B, N_tokens, C) and image (B, h*w, C).
+    """
+
+    def __init__(
+        self,
+        depth: int,
+        embedding_dim: int,
+        num_heads: int,
+        mlp_dim: int,
+        activation: type[nn.Module] = nn.ReLU,
+        attention_downsample_rate: int = 2,
+    ) -> None:
+        super().__init__()
+        self.depth = depth
+        self.embedding_dim = embedding_dim
+        self.num_heads = num_heads
+        self.mlp_dim = mlp_dim
+        self.layers = nn.ModuleList(
+            TwoWayAttentionBlock(
+                embedding_dim=embedding_dim,
+                num_heads=num_heads,
+                mlp_dim=mlp_dim,
+                activation=activation,
+                attention_downsample_rate=attention_downsample_rate,
+                skip_first_layer_pe=(i == 0),
+            )
+            for i in range(depth)
+        )
+        self.final_attn_token_to_image = Attention(
+            embedding_dim, num_heads, downsample_rate=attention_downsample_rate
+        )
+        self.norm_final_attn = nn.LayerNorm(embedding_dim)
+
+    def forward(
+        self,
+        image_embedding: torch.Tensor,
+        image_pe: torch.Tensor,
+        point_embedding: torch.Tensor,
+        first_layer_image_projections: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+        | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``first_layer_image_projections``: see ``TwoWayAttentionBlock.project_image``."""
+        keys = image_embedding.flatten(2).transpose(1, 2)
+        key_pe = image_pe.flatten(2).transpose(1, 2)
+        queries = point_embedding
+        for i, layer in enumerate(self.layers):
+            queries, keys = layer(
+                queries,
+                keys,
+                query_pe=point_embedding,
+                key_pe=key_pe,
+                image_projections=first_layer_image_projections if i == 0 else None,
+            )
+        attn_out = self.final_attn_token_to_image(
+            q=queries + point_embedding, k=keys + key_pe, v=keys
+        )
+        queries = self.norm_final_attn(queries + attn_out)
+        return queries, keys
+
+    def project_image(
+        self, image_embedding: torch.Tensor, image_pe: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Prompt-independent first-layer projections of an image with no mask prompt."""
+        keys = image_embedding.flatten(2).transpose(1, 2)
+        key_pe = image_pe.flatten(2).transpose(1, 2)
+        return self.layers[0].project_image(keys, key_pe)
