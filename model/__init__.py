@@ -1,0 +1,23 @@
+"""maskmill's promptable segmentation model: SAM architecture, predictor, checkpoints.
+
+Knows nothing of Prefect, Ray or storage.
+"""
+
+from .build import build_model
+from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from .config import CONFIGS, SamConfig, get_config
+from .predictor import ImageEmbedding, Predictor
+from .sam import Sam
+
+__all__ = [
+    "CONFIGS",
+    "CheckpointError",
+    "ImageEmbedding",
+    "Predictor",
+    "Sam",
+    "SamConfig",
+    "build_model",
+    "get_config",
+    "load_checkpoint",
+    "save_checkpoint",
+]

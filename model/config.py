@@ -112,4 +112,6 @@ def get_config(name: str) -> SamConfig:
     try:
         return CONFIGS[name]
     except KeyError:
-        raise ValueError(f"unknown model config {name!r}; choose one of {sorted(CONFIGS)}") from None
+        raise ValueError(
+            f"unknown model config {name!r}; choose one of {sorted(CONFIGS)}"
+        ) from None

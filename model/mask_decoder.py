@@ -84,9 +84,7 @@ class MaskDecoder(nn.Module):
         b_img, c, h, w = src.shape
         hs, src = self.transformer(src, image_pe, tokens, first_layer_image_projections)
         iou_token_out = hs[:, 0, :]
-        selected = (
-            range(1, self.num_mask_tokens) if multimask_output else range(0, 1)
-        )
+        selected = range(1, self.num_mask_tokens) if multimask_output else range(0, 1)
         upscaled = self.output_upscaling(src.transpose(1, 2).reshape(-1, c, h, w))
         hyper_in = torch.stack(
             [self.output_hypernetworks_mlps[i](hs[:, 1 + i, :]) for i in selected], dim=1

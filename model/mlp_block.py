@@ -9,9 +9,7 @@ from torch import nn
 class MLPBlock(nn.Module):
     """``lin2(act(lin1(x)))`` on the last axis: (..., embedding_dim) -> (..., embedding_dim)."""
 
-    def __init__(
-        self, embedding_dim: int, mlp_dim: int, act: type[nn.Module] = nn.GELU
-    ) -> None:
+    def __init__(self, embedding_dim: int, mlp_dim: int, act: type[nn.Module] = nn.GELU) -> None:
         super().__init__()
         self.lin1 = nn.Linear(embedding_dim, mlp_dim)
         self.lin2 = nn.Linear(mlp_dim, embedding_dim)

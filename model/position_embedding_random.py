@@ -36,9 +36,7 @@ class PositionEmbeddingRandom(nn.Module):
         device = self.positional_encoding_gaussian_matrix.device
         y_embed = (torch.arange(h, device=device, dtype=torch.float32) + 0.5) / h
         x_embed = (torch.arange(w, device=device, dtype=torch.float32) + 0.5) / w
-        grid = torch.stack(
-            [x_embed[None, :].expand(h, w), y_embed[:, None].expand(h, w)], dim=-1
-        )
+        grid = torch.stack([x_embed[None, :].expand(h, w), y_embed[:, None].expand(h, w)], dim=-1)
         return self._pe_encoding(grid).permute(2, 0, 1)
 
     def forward_with_coords(

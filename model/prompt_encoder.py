@@ -79,7 +79,9 @@ class PromptEncoder(nn.Module):
         """(B, 4) XYXY boxes -> (B, 2, embed_dim) corner tokens."""
         corners = (boxes + 0.5).reshape(-1, 2, 2)
         embedding = self.pe_layer.forward_with_coords(corners, self.input_image_size)
-        corner_weights = torch.cat([self.point_embeddings[2].weight, self.point_embeddings[3].weight])
+        corner_weights = torch.cat(
+            [self.point_embeddings[2].weight, self.point_embeddings[3].weight]
+        )
         return embedding + corner_weights
 
     def _embed_masks(self, masks: torch.Tensor) -> torch.Tensor:

@@ -69,9 +69,7 @@ class TwoWayAttentionBlock(nn.Module):
             image_projections = self.project_image(keys, key_pe)
         # The image side may have batch 1, shared by every prompt: broadcast it as a view.
         batch = queries.shape[0]
-        k_heads, v_heads, image_q_heads = (
-            t.expand(batch, -1, -1, -1) for t in image_projections
-        )
+        k_heads, v_heads, image_q_heads = (t.expand(batch, -1, -1, -1) for t in image_projections)
 
         attn = self.cross_attn_token_to_image
         q_heads = attn.split_heads(attn.q_proj(queries + query_pe))

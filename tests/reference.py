@@ -75,9 +75,7 @@ def randomize_(module: torch.nn.Module, seed: int = 0) -> dict[str, torch.Tensor
             is_norm = "Norm" in type(owner).__name__
             if is_norm:
                 normal(param, 1.0 if leaf == "weight" else 0.0, 0.1)
-            elif leaf == "weight" and param.dim() > 1 and not isinstance(
-                owner, torch.nn.Embedding
-            ):
+            elif leaf == "weight" and param.dim() > 1 and not isinstance(owner, torch.nn.Embedding):
                 normal(param, 0.0, 1.0 / param[0].numel() ** 0.5)
             elif leaf == "bias":
                 normal(param, 0.0, 0.02)
