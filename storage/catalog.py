@@ -1,0 +1,99 @@
+"""A DuckDB catalog over a store: one view per table, read straight from the Parquet shards.
+
+Masks are read with hive partitioning (``round=R/stage=S`` folders). Non-local stores register
+their fsspec filesystem with DuckDB, so ``memory://``, ``s3://``, ``gs://``... read the same way.
+A catalog is a snapshot of the shard *list* when it was opened; reopen it to see new shards.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from typing import Any
+
+import duckdb
+import pyarrow as pa
+
+from storage.schema import MODELS, PARTITIONED, SCHEMAS
+from storage.store import Store
+
+TABLES = tuple(SCHEMAS)
+
+
+def _literal(text: str) -> str:
+    """``text`` as an SQL string literal."""
+    return "'" + text.replace("'", "''") + "'"
+
+
+def _model_row(meta: dict[str, Any]) -> dict[str, Any]:
+    """A models-table row of a model's meta.json (JSON fields kept as JSON text)."""
+    row = {name: meta.get(name) for name in MODELS.names}
+    for name in ("config", "metrics"):
+        if row[name] is not None and not isinstance(row[name], str):
+            row[name] = json.dumps(row[name])
+    if isinstance(row["created_at"], str):
+        row["created_at"] = dt.datetime.fromisoformat(row["created_at"])
+    return row
+
+
+class Catalog:
+    """DuckDB connection with views ``images``, ``masks``, ``rounds``, ``failures``, ``models``."""
+
+    def __init__(self, store: Store | str, threads: int | None = None) -> None:
+        self.store = store if isinstance(store, Store) else Store(store)
+        self.con = duckdb.connect(config={"threads": threads} if threads else {})
+        if not self.store.local:
+            self.con.register_filesystem(self.store.fs)
+        for table in TABLES:
+            self.con.execute(f"CREATE VIEW {table} AS {self._source(table)}")
+
+    def _source(self, table: str) -> str:
+        """SELECT over a table's shards, or over an empty table of its schema when it has none."""
+        schema = SCHEMAS[table]
+        columns = ", ".join(f'"{name}"' for name in schema.names)
+        if table == "models":
+            rows = [_model_row(meta) for meta in self.store.model_metas()]
+            self.con.register("_models_rows", pa.Table.from_pylist(rows, MODELS))
+            return f"SELECT {columns} FROM _models_rows"
+        if not self.store.shards(table):
+            self.con.register(f"_empty_{table}", schema.empty_table())
+            return f"SELECT {columns} FROM _empty_{table}"
+        source = self.scan(table)
+        if table == "images":
+            # Content-addressed ids: an image imported twice (two shards) is one image.
+            return (
+                f"SELECT {columns} FROM {source} "
+                "QUALIFY row_number() OVER (PARTITION BY image_id ORDER BY added_at, uri) = 1"
+            )
+        return f"SELECT {columns} FROM {source}"
+
+    def scan(self, table: str) -> str:
+        """The ``read_parquet(...)`` call over a table's shards (for queries that want its
+        virtual columns ``filename`` and ``file_row_number``; the view does not show them)."""
+        glob = _literal(self.store.url_of(self.store.shard_glob(table)))
+        if table in PARTITIONED:
+            return (
+                f"read_parquet({glob}, hive_partitioning = true, "
+                "hive_types = {'round': INTEGER, 'stage': VARCHAR})"
+            )
+        return f"read_parquet({glob})"
+
+    def sql(self, query: str, params: list[Any] | None = None) -> duckdb.DuckDBPyRelation:
+        """Run a query; the result is a DuckDB relation (``.fetchall()``, ``.arrow()``, ...)."""
+        return self.con.sql(query, params=params)
+
+    def query(self, query: str, params: list[Any] | None = None) -> tuple[list[str], list[tuple]]:
+        """Column names and rows of a query."""
+        cursor = self.con.execute(query, params or [])
+        columns = [d[0] for d in cursor.description] if cursor.description else []
+        return columns, cursor.fetchall()
+
+    def close(self) -> None:
+        """Close the DuckDB connection."""
+        self.con.close()
+
+    def __enter__(self) -> Catalog:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

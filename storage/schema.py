@@ -1,0 +1,107 @@
+"""Table schemas, defined once with pyarrow types.
+
+Every shard the storage layer writes is cast to one of these schemas, and the DuckDB catalog
+exposes one view per table, so a column has one name and one type everywhere.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+TIMESTAMP = pa.timestamp("us", tz="UTC")
+BOX = pa.list_(pa.float32(), 4)  # XYWH, fixed size: DuckDB reads it as FLOAT[4]
+POINT = pa.list_(pa.float32(), 2)  # XY
+CLICK = pa.struct([("x", pa.float32()), ("y", pa.float32()), ("label", pa.int8())])
+
+IMAGES = pa.schema(
+    [
+        pa.field("image_id", pa.string(), nullable=False),
+        pa.field("uri", pa.string(), nullable=False),
+        pa.field("width", pa.int32(), nullable=False),
+        pa.field("height", pa.int32(), nullable=False),
+        pa.field("sha256", pa.string(), nullable=False),
+        pa.field("added_at", TIMESTAMP, nullable=False),
+    ]
+)
+
+MASKS = pa.schema(
+    [
+        pa.field("mask_id", pa.string(), nullable=False),
+        pa.field("image_id", pa.string(), nullable=False),
+        pa.field("round", pa.int32(), nullable=False),
+        pa.field("stage", pa.string(), nullable=False),
+        pa.field("model_version", pa.int32()),  # N of models/v<N>; null for ground truth
+        pa.field("source", pa.string(), nullable=False),  # annotator id, "model" or "gt"
+        pa.field("segmentation", pa.string(), nullable=False),  # COCO compressed RLE counts
+        pa.field("height", pa.int32(), nullable=False),
+        pa.field("width", pa.int32(), nullable=False),
+        pa.field("area", pa.int64(), nullable=False),
+        pa.field("bbox", BOX, nullable=False),
+        pa.field("predicted_iou", pa.float32()),
+        pa.field("stability_score", pa.float32()),
+        pa.field("point_coords", pa.list_(POINT)),
+        pa.field("crop_box", BOX),
+        pa.field("clicks", pa.list_(CLICK)),
+        pa.field("seconds", pa.float32()),
+        # Not in the first design: ground truth keeps its class and crowd flag so that a COCO
+        # file survives import -> export. Model masks are class-agnostic and leave them null.
+        pa.field("category_id", pa.int32()),
+        pa.field("category", pa.string()),
+        pa.field("iscrowd", pa.bool_(), nullable=False),
+        pa.field("created_at", TIMESTAMP, nullable=False),
+    ]
+)
+
+ROUNDS = pa.schema(
+    [
+        pa.field("round", pa.int32(), nullable=False),
+        pa.field("stage", pa.string(), nullable=False),
+        pa.field("model_version", pa.int32()),
+        pa.field("started_at", TIMESTAMP),
+        pa.field("finished_at", TIMESTAMP, nullable=False),
+        pa.field("images", pa.int64(), nullable=False),
+        pa.field("masks", pa.int64(), nullable=False),
+        pa.field("metrics", pa.string()),  # JSON object of numbers
+    ]
+)
+
+FAILURES = pa.schema(
+    [
+        pa.field("image_id", pa.string()),
+        pa.field("uri", pa.string()),
+        pa.field("round", pa.int32(), nullable=False),
+        pa.field("stage", pa.string(), nullable=False),
+        pa.field("error", pa.string(), nullable=False),
+        pa.field("at", TIMESTAMP, nullable=False),
+    ]
+)
+
+MODELS = pa.schema(
+    [
+        pa.field("version", pa.int32(), nullable=False),
+        pa.field("round", pa.int32()),
+        pa.field("uri", pa.string(), nullable=False),  # the model.pt file
+        pa.field("config", pa.string()),  # JSON
+        pa.field("data_digest", pa.string()),
+        pa.field("metrics", pa.string()),  # JSON object of numbers
+        pa.field("created_at", TIMESTAMP),
+    ]
+)
+
+SCHEMAS: dict[str, pa.Schema] = {
+    "images": IMAGES,
+    "masks": MASKS,
+    "rounds": ROUNDS,
+    "failures": FAILURES,
+    "models": MODELS,
+}
+
+# Tables whose shards live under hive partitions round=R/stage=S.
+PARTITIONED = {"masks"}
+
+# Columns that repeat a lot within a shard; the rest (ids, RLE counts) are unique per row, where
+# a dictionary only costs space.
+DICTIONARY_COLUMNS = ["image_id", "stage", "source", "category", "uri", "error"]
+
+STAGE_GT = "gt"
+STAGES = ("gt", "manual", "semi", "auto")

@@ -1,0 +1,193 @@
+"""Statistics of a store, computed by DuckDB SQL over the Parquet shards.
+
+Every figure comes per round and stage and overall (``GROUPING SETS``), in one scan per
+question: masks per image, relative mask size buckets, predicted-IoU and stability histograms,
+failures, and the rounds table's model metrics.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from storage.catalog import Catalog
+
+# Relative mask size as in the SA-1B paper: sqrt(mask area / image area).
+SIZE_EDGES = (0.0, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0)
+SCORE_BINS = 10  # predicted IoU and stability histograms: 10 bins over [0, 1]
+TOP_ERRORS = 5
+
+
+def size_bucket_sql(column: str = "sqrt(area / (height * width))") -> str:
+    """SQL CASE giving the SIZE_EDGES bucket (0-based) of a relative size expression."""
+    whens = " ".join(
+        f"WHEN {column} < {edge} THEN {i}" for i, edge in enumerate(SIZE_EDGES[1:-1])
+    )
+    return f"CASE {whens} ELSE {len(SIZE_EDGES) - 2} END"
+
+
+def _score_bucket(column: str) -> str:
+    """SQL bin (0-based, SCORE_BINS over [0, 1], outliers clamped) of a score; NULL stays NULL
+    (DuckDB's greatest/least skip NULLs, so the CASE keeps unscored masks out)."""
+    clamped = f"least(greatest(floor({column} * {SCORE_BINS}), 0), {SCORE_BINS - 1})::INTEGER"
+    return f"CASE WHEN {column} IS NOT NULL THEN {clamped} END"
+
+
+def _counts(histogram: dict[int, int] | None, bins: int) -> list[int]:
+    histogram = histogram or {}
+    return [int(histogram.get(i, 0)) for i in range(bins)]
+
+
+def _group_key(row: dict[str, Any]) -> tuple:
+    return (row["round"], row["stage"])
+
+
+def compute_stats(catalog: Catalog) -> dict[str, Any]:
+    """All statistics of the store behind ``catalog``, as a JSON-ready dict.
+
+    Masks per image are over the images that have at least one mask in the group; ``images`` is
+    the images table's count (images registered, with or without masks).
+    """
+    con = catalog.con
+    score_edges = [i / SCORE_BINS for i in range(SCORE_BINS + 1)]
+
+    per_image = con.execute(
+        """
+        WITH per_image AS (
+            SELECT round, stage, image_id, count(*) AS n, GROUPING(round) AS overall
+            FROM masks GROUP BY GROUPING SETS ((round, stage, image_id), (image_id)))
+        SELECT overall, round, stage, count(*) AS images, sum(n) AS masks, avg(n) AS mean,
+               median(n) AS median, quantile_cont(n, 0.9) AS p90
+        FROM per_image GROUP BY overall, round, stage
+        """
+    ).fetchall()
+    hist = con.execute(
+        f"""
+        SELECT GROUPING(round) AS overall, round, stage,
+               histogram({size_bucket_sql()}) AS size,
+               histogram({_score_bucket('predicted_iou')}) AS iou,
+               histogram({_score_bucket('stability_score')}) AS stability,
+               count(predicted_iou) AS with_iou, count(stability_score) AS with_stability,
+               histogram(source) AS sources
+        FROM masks GROUP BY GROUPING SETS ((round, stage), ())
+        """
+    ).fetchall()
+
+    groups: dict[tuple, dict[str, Any]] = {}
+    for overall, round_, stage, images, masks, mean, median, p90 in per_image:
+        key = None if overall else (round_, stage)
+        groups[key] = {
+            "round": round_,
+            "stage": stage,
+            "images": int(images),
+            "masks": int(masks),
+            "masks_per_image": {"mean": mean, "median": median, "p90": p90},
+        }
+    for overall, round_, stage, size, iou, stab, with_iou, with_stab, sources in hist:
+        group = groups[None if overall else (round_, stage)]
+        group["relative_size"] = {"edges": list(SIZE_EDGES),
+                                  "counts": _counts(size, len(SIZE_EDGES) - 1)}
+        group["predicted_iou"] = {"edges": score_edges, "counts": _counts(iou, SCORE_BINS),
+                                  "masks_without": group["masks"] - int(with_iou)}
+        group["stability_score"] = {"edges": score_edges, "counts": _counts(stab, SCORE_BINS),
+                                    "masks_without": group["masks"] - int(with_stab)}
+        group["sources"] = {k: int(v) for k, v in sorted((sources or {}).items())}
+
+    empty = {"images": 0, "masks": 0,
+             "masks_per_image": {"mean": None, "median": None, "p90": None},
+             "relative_size": {"edges": list(SIZE_EDGES), "counts": [0] * (len(SIZE_EDGES) - 1)},
+             "predicted_iou": {"edges": score_edges, "counts": [0] * SCORE_BINS,
+                               "masks_without": 0},
+             "stability_score": {"edges": score_edges, "counts": [0] * SCORE_BINS,
+                                 "masks_without": 0},
+             "sources": {}}
+    total = groups.pop(None, empty)
+
+    failures_by_group = con.execute(
+        "SELECT round, stage, count(*) FROM failures GROUP BY round, stage ORDER BY round, stage"
+    ).fetchall()
+    top_errors = con.execute(
+        f"""SELECT split_part(error, chr(10), 1) AS error, count(*) AS n FROM failures
+            GROUP BY 1 ORDER BY n DESC, error LIMIT {TOP_ERRORS}"""
+    ).fetchall()
+    rounds = con.execute(
+        "SELECT round, stage, model_version, images, masks, metrics FROM rounds "
+        "ORDER BY round, stage"
+    ).fetchall()
+
+    return {
+        "store": catalog.store.url,
+        "images": int(con.execute("SELECT count(*) FROM images").fetchone()[0]),
+        "images_with_masks": total["images"],
+        "masks": total["masks"],
+        "masks_per_image": total["masks_per_image"],
+        "relative_size": total["relative_size"],
+        "predicted_iou": total["predicted_iou"],
+        "stability_score": total["stability_score"],
+        "sources": total["sources"],
+        "groups": [groups[k] for k in sorted(groups)],
+        "failures": {
+            "total": sum(n for *_, n in failures_by_group),
+            "groups": [{"round": r, "stage": s, "failures": n} for r, s, n in failures_by_group],
+            "top_errors": [{"error": e, "count": n} for e, n in top_errors],
+        },
+        "rounds": [
+            {"round": r, "stage": s, "model_version": v, "images": i, "masks": m,
+             "metrics": json.loads(metrics) if metrics else {}}
+            for r, s, v, i, m, metrics in rounds
+        ],
+        "models": int(con.execute("SELECT count(*) FROM models").fetchone()[0]),
+    }
+
+
+def _num(value: float | None, digits: int = 1) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def _bar(counts: list[int], width: int = 30) -> list[str]:
+    top = max(counts) or 1
+    return ["#" * round(width * c / top) for c in counts]
+
+
+def format_stats(stats: dict[str, Any]) -> str:
+    """The statistics as text for a terminal."""
+    lines = [f"store    {stats['store']}",
+             f"images   {stats['images']}  ({stats['images_with_masks']} with masks)",
+             f"masks    {stats['masks']}",
+             "masks per image  mean {}  median {}  p90 {}".format(
+                 *(_num(stats["masks_per_image"][k]) for k in ("mean", "median", "p90"))),
+             "", "round  stage   images    masks  per image: mean  median    p90  sources"]
+    for g in stats["groups"]:
+        mpi = g["masks_per_image"]
+        sources = ", ".join(f"{k} {v}" for k, v in g["sources"].items())
+        lines.append(f"{g['round']:>5}  {g['stage']:<6} {g['images']:>7} {g['masks']:>8}"
+                     f"  {_num(mpi['mean']):>15} {_num(mpi['median']):>7} {_num(mpi['p90']):>6}"
+                     f"  {sources}")
+    rel = stats["relative_size"]
+    lines += ["", "relative mask size sqrt(area / image area), all masks"]
+    for lo, hi, count, bar in zip(rel["edges"][:-1], rel["edges"][1:], rel["counts"],
+                                  _bar(rel["counts"]), strict=True):
+        lines.append(f"  {lo:4.2f}-{hi:4.2f} {count:>9}  {bar}")
+    for name in ("predicted_iou", "stability_score"):
+        hist = stats[name]
+        scored = sum(hist["counts"])
+        lines += ["", f"{name.replace('_', ' ')}: {scored} masks scored, "
+                      f"{hist['masks_without']} without"]
+        if scored:
+            for lo, count, bar in zip(hist["edges"], hist["counts"], _bar(hist["counts"]),
+                                      strict=False):
+                lines.append(f"  {lo:3.1f}-{lo + 0.1:3.1f} {count:>9}  {bar}")
+    failures = stats["failures"]
+    lines += ["", f"failures {failures['total']}"]
+    lines += [f"  round {f['round']} {f['stage']}: {f['failures']}" for f in failures["groups"]]
+    lines += [f"  {e['count']:>6} x {e['error'][:90]}" for e in failures["top_errors"]]
+    if stats["rounds"]:
+        lines += ["", "rounds (finished stages)"]
+        for r in stats["rounds"]:
+            metrics = ", ".join(f"{k} {v:.4g}" for k, v in r["metrics"].items()
+                                if isinstance(v, (int, float)))
+            model = "-" if r["model_version"] is None else f"v{r['model_version']}"
+            lines.append(f"  round {r['round']} {r['stage']:<6} model {model}  "
+                         f"{r['images']} images  {r['masks']} masks  {metrics}")
+    lines.append(f"models   {stats['models']}")
+    return "\n".join(lines)

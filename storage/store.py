@@ -1,0 +1,218 @@
+"""One store = one fsspec URL; this module owns every byte written under it.
+
+Layout (see DESIGN.md, "Storage layout")::
+
+    <store>/images/part-<key>.parquet
+    <store>/masks/round=R/stage=S/part-<key>.parquet
+    <store>/rounds/part-r<R>-<stage>.parquet
+    <store>/failures/part-r<R>-<stage>-<key>.parquet
+    <store>/models/v<N>/model.pt + meta.json
+    <store>/locks/masks-r<R>-<stage>.lock          (writer lease, see storage.lease)
+
+Commit protocol: a shard is written complete under a temporary name next to its final one and
+then renamed (local disks: ``os.replace`` is atomic and replaces an older version), or uploaded
+in one whole-object write (object stores and ``memory://``: a PUT is visible whole or not at
+all). Final names are deterministic, so the same unit of work written twice replaces its shard.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import uuid
+from typing import Any
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+from fsspec.implementations.local import LocalFileSystem
+
+from storage.errors import StorageError
+from storage.schema import DICTIONARY_COLUMNS, PARTITIONED, SCHEMAS
+
+_KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_TMP_SUFFIX = ".tmp"
+# Row groups of this many rows let DuckDB read one shard on several threads.
+ROW_GROUP_ROWS = 128 * 1024
+PARQUET_OPTIONS: dict[str, Any] = {"compression": "zstd", "compression_level": 9}
+
+
+class Store:
+    """A store at an fsspec URL: a local path, ``memory://name``, ``s3://bucket/prefix``, ...
+
+    ``storage_options`` go to the fsspec filesystem (credentials, endpoint, ...).
+    """
+
+    def __init__(self, url: str, **storage_options: Any) -> None:
+        self.url = url
+        fs, root = fsspec.core.url_to_fs(url, **storage_options)
+        self.fs: fsspec.AbstractFileSystem = fs
+        self.root: str = root.rstrip("/") or "/"
+        self.local = isinstance(fs, LocalFileSystem)
+
+    def __repr__(self) -> str:
+        return f"Store({self.url!r})"
+
+    # -- paths ------------------------------------------------------------------------------
+    def path(self, *parts: str) -> str:
+        """The filesystem path (no protocol) of ``parts`` under the store's root."""
+        return "/".join([self.root.rstrip("/"), *parts])
+
+    def url_of(self, path: str) -> str:
+        """The URL DuckDB and users see for a filesystem path of this store."""
+        return path if self.local else self.fs.unstrip_protocol(path)
+
+    def table_dir(self, table: str, round_: int | None = None, stage: str | None = None) -> str:
+        """Folder of a table's shards (a hive partition folder for partitioned tables)."""
+        if table not in SCHEMAS:
+            raise StorageError(f"unknown table {table!r}; tables are {sorted(SCHEMAS)}")
+        if table in PARTITIONED:
+            if round_ is None or stage is None:
+                raise StorageError(f"table {table!r} is partitioned: round and stage are needed")
+            return self.path(table, f"round={int(round_)}", f"stage={check_key(stage, 'stage')}")
+        return self.path(table)
+
+    def shard_path(
+        self, table: str, key: str, round_: int | None = None, stage: str | None = None
+    ) -> str:
+        """Deterministic final path of the shard of ``table`` for unit of work ``key``."""
+        return f"{self.table_dir(table, round_, stage)}/part-{check_key(key, 'shard key')}.parquet"
+
+    def shard_glob(self, table: str) -> str:
+        """Glob (filesystem path) matching every committed shard of a table, never a temp file."""
+        if table in PARTITIONED:
+            return self.path(table, "round=*", "stage=*", "part-*.parquet")
+        return self.path(table, "part-*.parquet")
+
+    def shards(self, table: str) -> list[str]:
+        """Paths of a table's committed shards, sorted."""
+        self.fs.invalidate_cache()
+        return sorted(self.fs.glob(self.shard_glob(table)))
+
+    # -- the commit protocol ----------------------------------------------------------------
+    def write_shard(
+        self,
+        table: str,
+        data: pa.Table,
+        key: str,
+        round_: int | None = None,
+        stage: str | None = None,
+    ) -> str:
+        """Commit ``data`` as the shard of ``table`` for unit of work ``key``; return its path.
+
+        ``data`` is cast to the table's schema (a wrong column is an error here, not later in a
+        query). A shard already there under the same key is replaced whole.
+        """
+        schema = SCHEMAS[table]
+        try:
+            data = data.select(schema.names).cast(schema)
+        except (KeyError, pa.ArrowInvalid, pa.ArrowTypeError, ValueError) as error:
+            raise StorageError(
+                f"{table} shard {key!r} does not fit the {table} schema: {error}"
+            ) from None
+        final = self.shard_path(table, key, round_, stage)
+        options = dict(
+            PARQUET_OPTIONS,
+            use_dictionary=[c for c in DICTIONARY_COLUMNS if c in schema.names],
+            row_group_size=ROW_GROUP_ROWS,
+        )
+        if self.local:
+            folder, name = final.rsplit("/", 1)
+            os.makedirs(folder, exist_ok=True)
+            tmp = f"{folder}/.{name}.{uuid.uuid4().hex}{_TMP_SUFFIX}"
+            try:
+                with open(tmp, "wb") as handle:
+                    pq.write_table(data, handle, **options)
+                    handle.flush()
+                    os.fsync(handle.fileno())
+                _move(tmp, final)
+            except BaseException:
+                if os.path.exists(tmp):
+                    os.remove(tmp)
+                raise
+            _fsync_dir(folder)
+        else:
+            buffer = io.BytesIO()
+            pq.write_table(data, buffer, **options)
+            self.fs.makedirs(self.fs._parent(final), exist_ok=True)
+            self.fs.pipe_file(final, buffer.getvalue())
+        return final
+
+    def remove_temp_files(self, table: str, round_: int | None = None, stage: str | None = None):
+        """Delete temp files a killed writer left in a table folder (they are never read)."""
+        folder = self.table_dir(table, round_, stage)
+        for path in self.fs.glob(f"{folder}/.part-*{_TMP_SUFFIX}"):
+            self.fs.rm(path)
+
+    def read_table(self, table: str) -> pa.Table:
+        """Every committed shard of a table as one Arrow table (small tables; else use DuckDB)."""
+        tables = []
+        for path in self.shards(table):
+            with self.fs.open(path, "rb") as handle:
+                tables.append(pq.read_table(handle, schema=SCHEMAS[table]))
+        return pa.concat_tables(tables) if tables else SCHEMAS[table].empty_table()
+
+    # -- small JSON objects and models ------------------------------------------------------
+    def write_bytes(self, path: str, data: bytes) -> None:
+        """Write a small object whole (temp + rename locally, one PUT elsewhere)."""
+        if self.local:
+            folder = os.path.dirname(path)
+            os.makedirs(folder, exist_ok=True)
+            tmp = f"{path}.{uuid.uuid4().hex}{_TMP_SUFFIX}"
+            with open(tmp, "wb") as handle:
+                handle.write(data)
+            _move(tmp, path)
+        else:
+            self.fs.makedirs(self.fs._parent(path), exist_ok=True)
+            self.fs.pipe_file(path, data)
+
+    def write_model(self, version: int, model_bytes: bytes, meta: dict[str, Any]) -> str:
+        """Store checkpoint ``models/v<version>/model.pt`` and its ``meta.json``; return the URL.
+
+        ``meta`` may hold ``round``, ``config``, ``data_digest``, ``metrics`` and ``created_at``
+        (ISO 8601). The model file goes first, so a meta.json always names a complete model.
+        """
+        folder = self.path("models", f"v{int(version)}")
+        self.write_bytes(f"{folder}/model.pt", model_bytes)
+        self.write_bytes(
+            f"{folder}/meta.json", json.dumps({**meta, "version": int(version)}).encode()
+        )
+        return self.url_of(f"{folder}/model.pt")
+
+    def model_metas(self) -> list[dict[str, Any]]:
+        """The meta.json of every stored model, with ``uri`` of its model.pt, by version."""
+        self.fs.invalidate_cache()
+        metas = []
+        for path in self.fs.glob(self.path("models", "v*", "meta.json")):
+            meta = json.loads(self.fs.cat_file(path))
+            meta["uri"] = self.url_of(path.rsplit("/", 1)[0] + "/model.pt")
+            metas.append(meta)
+        return sorted(metas, key=lambda m: m["version"])
+
+
+def check_key(key: str, what: str) -> str:
+    """``key`` if it is safe in a file name (letters, digits, ``.``, ``_``, ``-``), else raise."""
+    if not isinstance(key, str) or not _KEY.match(key):
+        raise StorageError(
+            f"{what} {key!r} is not usable in a file name: use 1-128 letters, digits, '.', '_' "
+            "or '-', starting with a letter or digit"
+        )
+    return key
+
+
+def _move(tmp: str, final: str) -> None:
+    """The commit point of a local shard: atomic rename over any older version."""
+    os.replace(tmp, final)
+
+
+def _fsync_dir(folder: str) -> None:
+    """Make a rename durable: fsync the folder that holds the new name."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError:  # some filesystems do not fsync folders; the rename is still atomic
+        pass
+    finally:
+        os.close(fd)

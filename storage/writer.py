@@ -1,0 +1,184 @@
+"""Writing masks, failures and round summaries of one round and stage, under a writer lease."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from storage import rle
+from storage.catalog import Catalog
+from storage.lease import DEFAULT_TTL_S, StageLease
+from storage.schema import FAILURES, MASKS, ROUNDS
+from storage.store import Store, check_key
+
+# Optional per-mask fields copied from a record as they are (absent -> null).
+_OPTIONAL = ("predicted_iou", "stability_score", "point_coords", "crop_box", "clicks", "seconds",
+             "category_id", "category")
+
+
+def utc_now() -> dt.datetime:
+    """Now, as the timezone-aware UTC time every timestamp column holds."""
+    return dt.datetime.now(dt.timezone.utc)
+
+
+def masks_table(
+    records: Sequence[Mapping[str, Any]],
+    round_: int,
+    stage: str,
+    source: str = "model",
+    model_version: int | None = None,
+    created_at: dt.datetime | None = None,
+) -> pa.Table:
+    """Arrow table (``MASKS`` schema) of mask records.
+
+    A record is an SA-1B annotation dict (what ``MaskGenerator.generate`` returns) plus
+    ``image_id``; it may also carry ``source``, ``model_version``, ``clicks``, ``seconds``,
+    ``category_id``, ``category``, ``iscrowd`` and ``index`` (the mask's number within its image;
+    default: its order among the image's records here). ``segmentation`` is a compressed RLE
+    (counts str or bytes). ``area`` and ``bbox`` are always recomputed from the RLE by
+    pycocotools, so they cannot disagree with it.
+    """
+    n = len(records)
+    rles = [r["segmentation"] for r in records]
+    counts = [s["counts"].decode() if isinstance(s["counts"], bytes) else s["counts"] for s in rles]
+    cols: dict[str, Any] = {}
+    seen: dict[str, int] = {}
+    ids = []
+    for r in records:
+        index = r.get("index")
+        if index is None:
+            index = seen.get(r["image_id"], 0)
+        seen[r["image_id"]] = max(seen.get(r["image_id"], 0), int(index) + 1)
+        ids.append(rle.mask_id(r["image_id"], round_, stage, int(index)))
+    cols["mask_id"] = ids
+    cols["image_id"] = [r["image_id"] for r in records]
+    cols["round"] = pa.array(np.full(n, round_, np.int32))
+    cols["stage"] = [stage] * n
+    cols["model_version"] = [r.get("model_version", model_version) for r in records]
+    cols["source"] = [r.get("source", source) for r in records]
+    cols["segmentation"] = counts
+    cols["height"] = pa.array(np.array([s["size"][0] for s in rles], np.int32))
+    cols["width"] = pa.array(np.array([s["size"][1] for s in rles], np.int32))
+    cols["area"] = pa.array(rle.areas(rles))
+    boxes = rle.bboxes(rles)
+    cols["bbox"] = pa.FixedSizeListArray.from_arrays(pa.array(boxes.reshape(-1)), 4)
+    for name in _OPTIONAL:
+        cols[name] = [r.get(name) for r in records]
+    cols["clicks"] = [_clicks(r.get("clicks")) for r in records]
+    cols["iscrowd"] = [bool(r.get("iscrowd", False)) for r in records]
+    stamp = created_at or utc_now()
+    cols["created_at"] = pa.array([stamp] * n, MASKS.field("created_at").type)
+    arrays = [pa.array(cols[f.name], f.type) if not isinstance(cols[f.name], pa.Array)
+              else cols[f.name] for f in MASKS]
+    return pa.Table.from_arrays(arrays, schema=MASKS)
+
+
+def _clicks(clicks: Any) -> list[dict[str, Any]] | None:
+    """Clicks as structs; accepts ``[x, y, label]`` triples or ``{x, y, label}`` dicts."""
+    if clicks is None:
+        return None
+    return [c if isinstance(c, Mapping) else {"x": c[0], "y": c[1], "label": c[2]} for c in clicks]
+
+
+class StageWriter:
+    """Writes one round and stage of a store, holding its writer lease while open.
+
+    ::
+
+        with StageWriter(store, round_=1, stage="auto") as w:
+            for key, records in batches:      # key: a deterministic name of the unit of work
+                if not w.done(key):
+                    w.write_masks(key, records)
+            w.finish(model_version=1, metrics={"miou": 0.8})
+
+    A second ``StageWriter`` of the same round and stage, in any process, is refused with
+    :class:`~storage.errors.WriterConflictError` while this one is open.
+    """
+
+    def __init__(
+        self, store: Store | str, round_: int, stage: str, owner: str | None = None,
+        ttl_s: float = DEFAULT_TTL_S,
+    ) -> None:
+        self.store = store if isinstance(store, Store) else Store(store)
+        self.round = int(round_)
+        self.stage = check_key(stage, "stage")
+        self.lease = StageLease(self.store, self.round, self.stage, owner, ttl_s)
+        self.started_at: dt.datetime | None = None
+
+    def __enter__(self) -> StageWriter:
+        self.lease.acquire()
+        self.started_at = utc_now()
+        # Temp files of a killed writer of this stage are garbage: nobody else writes here.
+        if self.store.fs.exists(self.store.table_dir("masks", self.round, self.stage)):
+            self.store.remove_temp_files("masks", self.round, self.stage)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.lease.release()
+
+    def done(self, key: str) -> bool:
+        """True when the shard of unit of work ``key`` is committed (a resumed run skips it)."""
+        return self.store.fs.exists(self.store.shard_path("masks", key, self.round, self.stage))
+
+    def write_masks(
+        self, key: str, records: Sequence[Mapping[str, Any]] | pa.Table, **defaults: Any
+    ) -> str:
+        """Commit the masks of unit of work ``key`` (replacing an earlier shard of that key).
+
+        ``records``: mask records (see :func:`masks_table`; ``defaults`` are its ``source``,
+        ``model_version`` and ``created_at``) or an Arrow table already in the ``MASKS`` schema.
+        """
+        table = records if isinstance(records, pa.Table) else masks_table(
+            records, self.round, self.stage, **defaults
+        )
+        self.lease.check()
+        return self.store.write_shard("masks", table, key, self.round, self.stage)
+
+    def write_failures(self, key: str, failures: Iterable[Mapping[str, Any]]) -> str:
+        """Commit failures (dicts with ``image_id`` and/or ``uri``, ``error``, optional ``at``)."""
+        now = utc_now()
+        rows = [
+            {
+                "image_id": f.get("image_id"),
+                "uri": f.get("uri"),
+                "round": self.round,
+                "stage": self.stage,
+                "error": str(f["error"]),
+                "at": f.get("at") or now,
+            }
+            for f in failures
+        ]
+        self.lease.check()
+        name = f"r{self.round}-{self.stage}-{check_key(key, 'failure key')}"
+        return self.store.write_shard("failures", pa.Table.from_pylist(rows, FAILURES), name)
+
+    def finish(
+        self, model_version: int | None = None, metrics: Mapping[str, float] | None = None
+    ) -> dict[str, Any]:
+        """Write this round and stage's row of the rounds table, counting what is stored."""
+        with Catalog(self.store) as catalog:
+            images, masks = catalog.con.execute(
+                "SELECT count(DISTINCT image_id), count(*) FROM masks "
+                "WHERE round = ? AND stage = ?",
+                [self.round, self.stage],
+            ).fetchone()
+        row = {
+            "round": self.round,
+            "stage": self.stage,
+            "model_version": model_version,
+            "started_at": self.started_at,
+            "finished_at": utc_now(),
+            "images": images,
+            "masks": masks,
+            "metrics": json.dumps(dict(metrics)) if metrics else None,
+        }
+        self.lease.check()
+        self.store.write_shard(
+            "rounds", pa.Table.from_pylist([row], ROUNDS), f"r{self.round}-{self.stage}"
+        )
+        return row
