@@ -7,6 +7,7 @@ a ``str``; nothing here encodes or decodes runs by hand.
 from __future__ import annotations
 
 import hashlib
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -38,7 +39,10 @@ def encode(mask: np.ndarray) -> dict[str, Any]:
 
 def decode(rle: dict[str, Any]) -> np.ndarray:
     """H×W boolean mask of one compressed RLE."""
-    return mask_utils.decode(_c(rle)).astype(bool)
+    with warnings.catch_warnings():
+        # pycocotools 2.0.11's own numpy-2 copy= deprecation; nothing a caller can change
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return mask_utils.decode(_c(rle)).astype(bool)
 
 
 def areas(rles: Sequence[dict[str, Any]]) -> np.ndarray:

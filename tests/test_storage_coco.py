@@ -1,0 +1,216 @@
+"""COCO import and COCO / SA-1B export, on local and memory:// stores."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import fsspec
+import numpy as np
+import pytest
+from pycocotools import mask as mask_utils
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+
+from storage import (
+    Catalog,
+    CocoFormatError,
+    MaskSizeError,
+    MissingImageError,
+    Store,
+    ValidationErrors,
+    export_coco,
+    export_sa1b,
+    import_coco,
+)
+from tests.test_storage_data import make_coco, snapshot, store  # noqa: F401 (fixture)
+
+
+def _counts(s: Store) -> tuple[int, int, int]:
+    with Catalog(s) as catalog:
+        return catalog.con.execute(
+            "SELECT (SELECT count(*) FROM images), (SELECT count(*) FROM masks), "
+            "(SELECT count(DISTINCT mask_id) FROM masks)"
+        ).fetchone()
+
+
+def _masks(s: Store) -> list[tuple]:
+    with Catalog(s) as catalog:
+        return catalog.con.execute(
+            "SELECT m.mask_id, i.uri, m.segmentation, m.height, m.width, m.area, m.bbox, "
+            "m.category, m.iscrowd FROM masks m JOIN images i USING (image_id) ORDER BY mask_id"
+        ).fetchall()
+
+
+def test_import_twice_gives_same_counts(tmp_path, store):
+    annotations, images, data = make_coco(tmp_path)
+    first = import_coco(str(annotations), str(images), store)
+    assert (first.images, first.masks) == (4, 6)
+    assert _counts(store) == (4, 6, 6)
+    before = _masks(store)
+    import_coco(str(annotations), str(images), store)
+    assert _counts(store) == (4, 6, 6)
+    assert _masks(store) == before  # same ids, same RLEs: the shard was replaced, not added
+    with Catalog(store) as catalog:
+        assert catalog.query("SELECT DISTINCT round, stage, source FROM masks")[1] == [
+            (0, "gt", "gt")
+        ]
+        assert catalog.query("SELECT count(*) FROM rounds")[1] == [(1,)]
+
+
+def test_stored_masks_match_pycocotools(tmp_path, store):
+    """Each stored RLE is what pycocotools' COCO API makes of the annotation; area and bbox
+    are pycocotools' area and toBbox of the stored RLE."""
+    annotations, images, _ = make_coco(tmp_path)
+    import_coco(str(annotations), str(images), store)
+    coco = COCO(str(annotations))
+    with Catalog(store) as catalog:
+        rows = catalog.con.execute(
+            "SELECT i.uri, m.segmentation, m.height, m.width, m.area, m.bbox, m.iscrowd "
+            "FROM masks m JOIN images i USING (image_id)"
+        ).fetchall()
+    stored = Counter()
+    for uri, counts, h, w, area, bbox, _ in rows:
+        rle = {"size": [h, w], "counts": counts.encode()}
+        assert area == int(mask_utils.area(rle))
+        assert np.allclose(bbox, mask_utils.toBbox(rle))
+        stored[(uri.rsplit("images/", 1)[1], counts)] += 1
+    expected = Counter()
+    for ann in coco.dataset["annotations"]:
+        rle = coco.annToRLE(ann)
+        counts = rle["counts"] if isinstance(rle["counts"], bytes) else None
+        if counts is None:  # compressed input already
+            counts = rle["counts"].encode()
+        expected[(coco.imgs[ann["image_id"]]["file_name"], counts.decode())] += 1
+    assert stored == expected
+    assert sorted(r[-1] for r in rows) == [False] * 5 + [True]
+
+
+def test_export_import_round_trip(tmp_path, store):
+    annotations, images, _ = make_coco(tmp_path)
+    import_coco(str(annotations), str(images), store)
+    exported = tmp_path / "export.json"
+    assert export_coco(store, str(exported)) == {"images": 4, "masks": 6}
+
+    again = Store(str(tmp_path / "again"))
+    import_coco(str(exported), str(images), again)
+    assert _masks(again) == _masks(store)  # same mask ids, RLEs, areas, boxes, classes
+
+
+def test_exported_coco_loads_and_scores(tmp_path, store):
+    annotations, images, _ = make_coco(tmp_path)
+    import_coco(str(annotations), str(images), store)
+    out = tmp_path / "export.json"
+    export_coco(store, str(out))
+    gt = COCO(str(out))
+    assert len(gt.getAnnIds()) == 6 and len(gt.getImgIds()) == 4
+    assert {c["name"] for c in gt.loadCats(gt.getCatIds())} == {"nut", "fig"}
+    assert {img["file_name"] for img in gt.loadImgs(gt.getImgIds())} == {
+        "a.png", "b.png", "sub/c.png", "d.png"
+    }
+    results = gt.loadRes(json.loads(out.read_text())["annotations"])  # needs "score"
+    evaluation = COCOeval(gt, results, "segm")
+    evaluation.evaluate()
+    evaluation.accumulate()
+    evaluation.summarize()
+    assert evaluation.stats[0] == pytest.approx(1.0)
+
+
+def test_sa1b_export(tmp_path, store):
+    annotations, images, _ = make_coco(tmp_path)
+    import_coco(str(annotations), str(images), store)
+    out = f"{store.url.rstrip('/')}-sa1b" if store.url.startswith("memory") else str(
+        tmp_path / "sa1b")
+    assert export_sa1b(store, out) == {"images": 3, "masks": 6}  # d.png has no masks
+    fs, root = fsspec.core.url_to_fs(out)
+    names = sorted(p.rsplit("/", 1)[1] for p in fs.ls(root, detail=False))
+    assert names == ["a.json", "b.json", "c.json"]
+    doc = json.loads(fs.cat_file(f"{root}/a.json"))
+    assert doc["image"]["width"] == 64 and doc["image"]["file_name"] == "a.png"
+    assert len(doc["annotations"]) == 3
+    stored = {r[0]: r[2] for r in _masks(store)}
+    for ann in doc["annotations"]:
+        assert ann["segmentation"]["counts"] == stored[ann["id"]]
+        assert set(ann) >= {"area", "bbox", "predicted_iou", "point_coords", "stability_score",
+                            "crop_box"}
+
+
+# -- malformed input: a named error, and the store unchanged --------------------------------
+def _broken(tmp_path, change) -> tuple[str, str]:
+    annotations, images, data = make_coco(tmp_path / "bad")
+    change(data, images)
+    annotations.write_text(json.dumps(data))
+    return str(annotations), str(images)
+
+
+def _remove_image(data, images):
+    (images / "b.png").unlink()
+
+
+def _rle_size(data, images):
+    data["annotations"][2]["segmentation"]["size"] = [47, 64]
+
+
+def _image_size(data, images):
+    data["images"][0]["width"] = 65
+
+
+def _bad_polygon(data, images):
+    data["annotations"][1]["segmentation"] = [[1, 2, 3]]
+
+
+def _unknown_image(data, images):
+    data["annotations"][3]["image_id"] = 99
+
+
+def _bad_counts(data, images):
+    data["annotations"][2]["segmentation"]["counts"] = "0a"
+
+
+@pytest.mark.parametrize(
+    ("change", "error", "names"),
+    [
+        (_remove_image, MissingImageError, ["images[1]", "'b.png'", "not found"]),
+        (_rle_size, MaskSizeError, ["annotations[2]", "id=13", "47x64", "48x64"]),
+        (_image_size, MaskSizeError, ["images[0]", "'a.png'", "65x48", "64x48"]),
+        (_bad_polygon, CocoFormatError, ["annotations[1]", "id=12", "polygon 0"]),
+        (_unknown_image, CocoFormatError, ["annotations[3]", "image_id 99"]),
+        (_bad_counts, CocoFormatError, ["annotations[2]", "id=13", "compressed RLE"]),
+    ],
+)
+def test_malformed_input_is_named_and_store_unchanged(tmp_path, store, change, error, names):
+    annotations, images, _ = make_coco(tmp_path)
+    import_coco(str(annotations), str(images), store)
+    before = snapshot(store)
+    bad_annotations, bad_images = _broken(tmp_path, change)
+    with pytest.raises(error) as caught:
+        import_coco(bad_annotations, bad_images, store)
+    for name in names:
+        assert name in str(caught.value)
+    assert snapshot(store) == before
+
+
+def test_invalid_json_names_the_place(tmp_path, store):
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"images": [], "annotations": [}')
+    with pytest.raises(CocoFormatError, match=r"bad\.json: not valid JSON.*line 1 column 32"):
+        import_coco(str(bad), str(tmp_path), store)
+    assert snapshot(store) == {}
+    bad.write_text('{"images": []}')
+    with pytest.raises(CocoFormatError, match="'annotations' is missing"):
+        import_coco(str(bad), str(tmp_path), store)
+
+
+def test_every_problem_is_listed(tmp_path, store):
+    def several(data, images):
+        _remove_image(data, images)
+        _rle_size(data, images)
+        _bad_polygon(data, images)
+
+    annotations, images = _broken(tmp_path, several)
+    with pytest.raises(ValidationErrors) as caught:
+        import_coco(annotations, images, store)
+    kinds = [type(e) for e in caught.value.errors]
+    assert kinds == [MissingImageError, CocoFormatError, MaskSizeError]
+    assert "3 problem(s), nothing was written" in str(caught.value)
+    assert snapshot(store) == {}

@@ -1,0 +1,113 @@
+"""Test data for the storage tests: small generated images and a COCO file, made in tmp dirs.
+
+Also the store fixture (a local folder and a ``memory://`` store) that the storage tests share.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from pathlib import Path
+from typing import Any
+
+import fsspec
+import numpy as np
+import pytest
+from PIL import Image
+from pycocotools import mask as mask_utils
+
+from storage import Store
+
+# (file name, width, height) of the generated images; sizes differ so size checks bite.
+IMAGES = [("a.png", 64, 48), ("b.png", 80, 60), ("sub/c.png", 50, 50), ("d.png", 40, 30)]
+
+
+def make_coco(root: Path, seed: int = 0) -> tuple[Path, Path, dict[str, Any]]:
+    """Write images under ``root/images`` and ``root/coco.json``; return (json, images, data).
+
+    Image ``a``: two polygons (one of them in two parts) and a compressed RLE; ``b``: an
+    uncompressed-RLE crowd mask and a polygon; ``c`` (in a sub-folder): one polygon; ``d``: none.
+    """
+    rng = np.random.default_rng(seed)
+    images_dir = root / "images"
+    images = []
+    for i, (name, w, h) in enumerate(IMAGES, start=1):
+        path = images_dir / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(path)
+        images.append({"id": i, "file_name": name, "width": w, "height": h})
+
+    crowd = np.zeros((60, 80), np.uint8)
+    crowd[10:30, 5:25] = 1
+    crowd[40:55, 60:78] = 1
+    compressed = np.zeros((48, 64), np.uint8)
+    compressed[5:20, 30:60] = 1
+    annotations = [
+        {"id": 11, "image_id": 1, "category_id": 1, "iscrowd": 0,
+         "segmentation": [[2, 2, 20, 3, 18, 25, 4, 20]]},
+        {"id": 12, "image_id": 1, "category_id": 2, "iscrowd": 0,
+         "segmentation": [[30, 30, 40, 30, 40, 40, 30, 40], [50, 35, 60, 35, 55, 45]]},
+        {"id": 13, "image_id": 1, "category_id": 2, "iscrowd": 0,
+         "segmentation": _compressed(compressed)},
+        {"id": 21, "image_id": 2, "category_id": 1, "iscrowd": 1,
+         "segmentation": _uncompressed(crowd)},
+        {"id": 22, "image_id": 2, "category_id": 1, "iscrowd": 0,
+         "segmentation": [[10.5, 40.5, 70.25, 42.0, 60.0, 58.75, 12.0, 55.0]]},
+        {"id": 31, "image_id": 3, "category_id": 2, "iscrowd": 0,
+         "segmentation": [[5, 5, 45, 8, 40, 45, 8, 40]]},
+    ]
+    for ann in annotations:  # area and bbox as COCO files carry them (ignored by the import)
+        ann["area"], ann["bbox"] = 0, [0, 0, 0, 0]
+    data = {
+        "images": images,
+        "annotations": annotations,
+        "categories": [{"id": 1, "name": "nut"}, {"id": 2, "name": "fig"}],
+    }
+    json_path = root / "coco.json"
+    json_path.write_text(json.dumps(data))
+    return json_path, images_dir, data
+
+
+def _compressed(mask: np.ndarray) -> dict[str, Any]:
+    rle = mask_utils.encode(np.asfortranarray(mask))
+    return {"size": list(rle["size"]), "counts": rle["counts"].decode()}
+
+
+def _uncompressed(mask: np.ndarray) -> dict[str, Any]:
+    """COCO's uncompressed RLE: run lengths (column-major), starting with a 0-run."""
+    flat = mask.flatten(order="F")
+    change = np.flatnonzero(np.diff(flat)) + 1
+    bounds = np.concatenate([[0], change, [flat.size]])
+    runs = np.diff(bounds).tolist()
+    if flat[0]:
+        runs = [0, *runs]
+    return {"size": list(mask.shape), "counts": runs}
+
+
+def snapshot(store: Store) -> dict[str, bytes]:
+    """Every file under a store with its bytes: equal snapshots mean nothing changed."""
+    store.fs.invalidate_cache()
+    if not store.fs.exists(store.root):
+        return {}
+    return {p: store.fs.cat_file(p) for p in store.fs.find(store.root)}
+
+
+@pytest.fixture(params=["local", "memory"])
+def store(request, tmp_path) -> Store:
+    """An empty store on a local folder, then on ``memory://``."""
+    if request.param == "local":
+        yield Store(str(tmp_path / "store"))
+        return
+    url = f"memory://maskmill-test-{uuid.uuid4().hex}"
+    yield Store(url)
+    fs = fsspec.filesystem("memory")
+    if fs.exists(url):
+        fs.rm(url, recursive=True)
+
+
+def test_uncompressed_helper_matches_pycocotools(tmp_path):
+    """The test's own uncompressed RLE helper agrees with pycocotools (so fixtures are valid)."""
+    mask = np.zeros((7, 5), np.uint8)
+    mask[0, 0] = mask[3:6, 1:4] = 1
+    rle = mask_utils.frPyObjects(_uncompressed(mask), 7, 5)
+    assert (mask_utils.decode(rle) == mask).all()
