@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from collections.abc import Iterator
 
 import fsspec
 import numpy as np
@@ -23,7 +24,12 @@ from storage import (
     export_sa1b,
     import_coco,
 )
-from tests.test_storage_data import make_coco, snapshot, store  # noqa: F401 (fixture)
+from tests.test_storage_data import STORE_KINDS, empty_store, make_coco, snapshot
+
+
+@pytest.fixture(params=STORE_KINDS)
+def store(request, tmp_path) -> Iterator[Store]:
+    yield from empty_store(request.param, tmp_path)
 
 
 def _counts(s: Store) -> tuple[int, int, int]:

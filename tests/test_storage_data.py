@@ -1,22 +1,20 @@
-"""Test data for the storage tests: small generated images and a COCO file, made in tmp dirs.
-
-Also the store fixture (a local folder and a ``memory://`` store) that the storage tests share.
-"""
+"""Test data for the storage tests, made in tmp dirs: small generated images and a COCO file,
+generated mask records, and empty local and ``memory://`` stores."""
 
 from __future__ import annotations
 
 import json
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import fsspec
 import numpy as np
-import pytest
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from storage import Store
+from storage import Store, rle
 
 # (file name, width, height) of the generated images; sizes differ so size checks bite.
 IMAGES = [("a.png", 64, 48), ("b.png", 80, 60), ("sub/c.png", 50, 50), ("d.png", 40, 30)]
@@ -84,6 +82,18 @@ def _uncompressed(mask: np.ndarray) -> dict[str, Any]:
     return {"size": list(mask.shape), "counts": runs}
 
 
+def records(n: int, image: str = "img0") -> list[dict[str, Any]]:
+    """``n`` generated masks of one image, as a model's mask generator returns them."""
+    out = []
+    for i in range(n):
+        mask = np.zeros((32, 48), bool)
+        mask[i % 20 : i % 20 + 8, 2 + i % 30 : 12 + i % 30] = True
+        out.append({"image_id": image, "segmentation": rle.encode(mask), "predicted_iou": 0.9,
+                    "stability_score": 0.95, "point_coords": [[5.0, 5.0]],
+                    "crop_box": [0, 0, 48, 32]})
+    return out
+
+
 def snapshot(store: Store) -> dict[str, bytes]:
     """Every file under a store with its bytes: equal snapshots mean nothing changed."""
     store.fs.invalidate_cache()
@@ -92,10 +102,13 @@ def snapshot(store: Store) -> dict[str, bytes]:
     return {p: store.fs.cat_file(p) for p in store.fs.find(store.root)}
 
 
-@pytest.fixture(params=["local", "memory"])
-def store(request, tmp_path) -> Store:
-    """An empty store on a local folder, then on ``memory://``."""
-    if request.param == "local":
+STORE_KINDS = ["local", "memory"]
+
+
+def empty_store(kind: str, tmp_path: Path) -> Iterator[Store]:
+    """An empty store on a local folder or on ``memory://`` (removed afterwards); test modules
+    wrap it in their ``store`` fixture, parametrized over STORE_KINDS."""
+    if kind == "local":
         yield Store(str(tmp_path / "store"))
         return
     url = f"memory://maskmill-test-{uuid.uuid4().hex}"
