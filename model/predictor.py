@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from .mask_decoder import DecoderImage
 from .sam import Sam
 from .transforms import resize_longest_side, scale_coords, to_rgb_uint8
 
@@ -25,8 +26,8 @@ class ImageEmbedding:
     features: torch.Tensor
     original_size: tuple[int, int]
     input_size: tuple[int, int]
-    # Prompt-independent decoder work for prompts without a mask, filled on first use.
-    _decoder_cache: tuple | None = field(default=None, repr=False)
+    # The decoder's image side for prompts without a mask, prepared on first use.
+    _decoder_image: DecoderImage | None = field(default=None, repr=False)
 
 
 class Predictor:
@@ -282,30 +283,20 @@ class Predictor:
         """
         model = self.model
         sparse, dense = model.prompt_encoder(points, boxes, masks)
-        image_pe = model.prompt_encoder.get_dense_pe() if masks is not None else None
-        projections = None
-        if masks is None:
-            # Without a mask prompt the image side of the first decoder layer is the same for
-            # every prompt: compute it once per image.
-            if embedding._decoder_cache is None:
-                dense_one = model.prompt_encoder.no_mask_dense_embedding(1)
-                image_pe = model.prompt_encoder.get_dense_pe()
-                embedding._decoder_cache = (
-                    dense_one,
-                    image_pe,
-                    model.mask_decoder.transformer.project_image(
-                        embedding.features + dense_one, image_pe
-                    ),
+        if masks is not None:
+            image = model.mask_decoder.prepare_image(
+                embedding.features + dense, model.prompt_encoder.get_dense_pe()
+            )
+        else:
+            # Without a mask prompt the decoder's image side is the same for every prompt:
+            # prepare it once per image.
+            if embedding._decoder_image is None:
+                embedding._decoder_image = model.mask_decoder.prepare_image(
+                    embedding.features + model.prompt_encoder.no_mask_dense_embedding(1),
+                    model.prompt_encoder.get_dense_pe(),
                 )
-            dense, image_pe, projections = embedding._decoder_cache
-        return model.mask_decoder(
-            image_embeddings=embedding.features,
-            image_pe=image_pe,
-            sparse_prompt_embeddings=sparse,
-            dense_prompt_embeddings=dense,
-            multimask_output=multimask_output,
-            first_layer_image_projections=projections,
-        )
+            image = embedding._decoder_image
+        return model.mask_decoder.decode(image, sparse, multimask_output)
 
 
 # ---------------------------------------------------------------------------------- validation

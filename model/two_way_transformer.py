@@ -12,9 +12,8 @@ from .two_way_attention_block import TwoWayAttentionBlock
 class TwoWayTransformer(nn.Module):
     """Updates prompt tokens and the image embedding by attending each to the other.
 
-    Shapes: image embedding and its positional encoding (B_img, C, h, w) — B_img is 1 (shared by
-    every prompt) or B —, prompt tokens (B, N_tokens, C). Returns the updated tokens
-    (B, N_tokens, C) and image (B, h*w, C).
+    The image side is channels-last tokens (B_img, h*w, C); B_img is 1 (shared by every prompt,
+    broadcast as a view) or B.
     """
 
     def __init__(
@@ -49,34 +48,39 @@ class TwoWayTransformer(nn.Module):
 
     def forward(
         self,
-        image_embedding: torch.Tensor,
+        image_tokens: torch.Tensor,
         image_pe: torch.Tensor,
         point_embedding: torch.Tensor,
         first_layer_image_projections: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
         | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``first_layer_image_projections``: see ``TwoWayAttentionBlock.project_image``."""
-        keys = image_embedding.flatten(2).transpose(1, 2)
-        key_pe = image_pe.flatten(2).transpose(1, 2)
-        queries = point_embedding
+        """
+        Args:
+            image_tokens: (B_img, h*w, C) image embedding, channels-last, B_img = 1 or B.
+            image_pe: (1, h*w, C) its positional encoding.
+            point_embedding: (B, N_tokens, C) output and prompt tokens.
+            first_layer_image_projections: see ``TwoWayAttentionBlock.project_image``.
+
+        Returns:
+            tokens (B, N_tokens, C) and image tokens (B, h*w, C).
+        """
+        queries, keys = point_embedding, image_tokens
         for i, layer in enumerate(self.layers):
             queries, keys = layer(
                 queries,
                 keys,
                 query_pe=point_embedding,
-                key_pe=key_pe,
+                key_pe=image_pe,
                 image_projections=first_layer_image_projections if i == 0 else None,
             )
         attn_out = self.final_attn_token_to_image(
-            q=queries + point_embedding, k=keys + key_pe, v=keys
+            q=queries + point_embedding, k=keys + image_pe, v=keys
         )
         queries = self.norm_final_attn(queries + attn_out)
         return queries, keys
 
     def project_image(
-        self, image_embedding: torch.Tensor, image_pe: torch.Tensor
+        self, image_tokens: torch.Tensor, image_pe: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Prompt-independent first-layer projections of an image with no mask prompt."""
-        keys = image_embedding.flatten(2).transpose(1, 2)
-        key_pe = image_pe.flatten(2).transpose(1, 2)
-        return self.layers[0].project_image(keys, key_pe)
+        """Prompt-independent first-layer projections of (B_img, h*w, C) image tokens."""
+        return self.layers[0].project_image(image_tokens, image_pe)
