@@ -14,10 +14,13 @@ from typing import Any
 import duckdb
 import pyarrow as pa
 
-from storage.schema import MODELS, PARTITIONED, SCHEMAS
+from storage.schema import BOX, MODELS, PARTITIONED, POINT, SCHEMAS
 from storage.store import Store
 
 TABLES = tuple(SCHEMAS)
+# Parquet has no fixed-size lists: these come back as plain lists, so the views cast them to
+# the DuckDB arrays the Arrow schema means (the same types as an empty table's).
+_CASTS = {BOX: "FLOAT[4]", pa.list_(POINT): "FLOAT[2][]"}
 
 
 def _literal(text: str) -> str:
@@ -50,7 +53,10 @@ class Catalog:
     def _source(self, table: str) -> str:
         """SELECT over a table's shards, or over an empty table of its schema when it has none."""
         schema = SCHEMAS[table]
-        columns = ", ".join(f'"{name}"' for name in schema.names)
+        columns = ", ".join(
+            f'"{f.name}"::{_CASTS[f.type]} AS "{f.name}"' if f.type in _CASTS else f'"{f.name}"'
+            for f in schema
+        )
         if table == "models":
             rows = [_model_row(meta) for meta in self.store.model_metas()]
             self.con.register("_models_rows", pa.Table.from_pylist(rows, MODELS))

@@ -15,6 +15,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from storage.catalog import Catalog
+from storage.stats import score_bucket_sql
 
 SIZE_BINS = 25  # relative mask size histogram over [0, 1]
 CENTRE_BINS = 40  # mask-centre heat map, per axis
@@ -149,7 +150,7 @@ def plot_scores(catalog: Catalog, out_dir: str) -> str:
     axes = fig.subplots(1, 2)
     for ax, column in zip(axes, ("predicted_iou", "stability_score"), strict=True):
         rows = catalog.con.execute(
-            f"""SELECT round, stage, least(greatest(floor({column} * 20), 0), 19)::INT, count(*)
+            f"""SELECT round, stage, {score_bucket_sql(column, 20)}, count(*)
                 FROM masks WHERE {column} IS NOT NULL GROUP BY ALL"""
         ).fetchall()
         title = column.replace("_", " ")

@@ -26,10 +26,12 @@ def size_bucket_sql(column: str = "sqrt(area / (height * width))") -> str:
     return f"CASE {whens} ELSE {len(SIZE_EDGES) - 2} END"
 
 
-def _score_bucket(column: str) -> str:
-    """SQL bin (0-based, SCORE_BINS over [0, 1], outliers clamped) of a score; NULL stays NULL
+def score_bucket_sql(column: str, bins: int = SCORE_BINS) -> str:
+    """SQL bin (0-based, ``bins`` over [0, 1], outliers clamped) of a score; NULL stays NULL
     (DuckDB's greatest/least skip NULLs, so the CASE keeps unscored masks out)."""
-    clamped = f"least(greatest(floor({column} * {SCORE_BINS}), 0), {SCORE_BINS - 1})::INTEGER"
+    # + 1e-6: scores are float32, and 0.9 stored is 0.89999998; it belongs to the 0.9-1.0 bin
+    scaled = f"floor({column}::DOUBLE * {bins} + 1e-6)"
+    clamped = f"least(greatest({scaled}, 0), {bins - 1})::INTEGER"
     return f"CASE WHEN {column} IS NOT NULL THEN {clamped} END"
 
 
@@ -65,8 +67,8 @@ def compute_stats(catalog: Catalog) -> dict[str, Any]:
         f"""
         SELECT GROUPING(round) AS overall, round, stage,
                histogram({size_bucket_sql()}) AS size,
-               histogram({_score_bucket('predicted_iou')}) AS iou,
-               histogram({_score_bucket('stability_score')}) AS stability,
+               histogram({score_bucket_sql('predicted_iou')}) AS iou,
+               histogram({score_bucket_sql('stability_score')}) AS stability,
                count(predicted_iou) AS with_iou, count(stability_score) AS with_stability,
                histogram(source) AS sources
         FROM masks GROUP BY GROUPING SETS ((round, stage), ())
@@ -84,7 +86,9 @@ def compute_stats(catalog: Catalog) -> dict[str, Any]:
             "masks_per_image": {"mean": mean, "median": median, "p90": p90},
         }
     for overall, round_, stage, size, iou, stab, with_iou, with_stab, sources in hist:
-        group = groups[None if overall else (round_, stage)]
+        group = groups.get(None if overall else (round_, stage))
+        if group is None:  # the () grouping set of an empty masks table
+            continue
         group["relative_size"] = {"edges": list(SIZE_EDGES),
                                   "counts": _counts(size, len(SIZE_EDGES) - 1)}
         group["predicted_iou"] = {"edges": score_edges, "counts": _counts(iou, SCORE_BINS),

@@ -122,5 +122,5 @@ def test_uncompressed_helper_matches_pycocotools(tmp_path):
     """The test's own uncompressed RLE helper agrees with pycocotools (so fixtures are valid)."""
     mask = np.zeros((7, 5), np.uint8)
     mask[0, 0] = mask[3:6, 1:4] = 1
-    rle = mask_utils.frPyObjects(_uncompressed(mask), 7, 5)
-    assert (mask_utils.decode(rle) == mask).all()
+    compressed = mask_utils.frPyObjects(_uncompressed(mask), 7, 5)
+    assert (rle.decode(compressed) == mask).all()
