@@ -4,7 +4,7 @@ Knows nothing of Prefect, Ray or storage.
 """
 
 from .build import build_model
-from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from .checkpoint import CheckpointError, has_default, load_checkpoint, load_default, save_checkpoint
 from .config import CONFIGS, SamConfig, get_config
 from .predictor import ImageEmbedding, Predictor
 from .sam import Sam
@@ -18,6 +18,8 @@ __all__ = [
     "SamConfig",
     "build_model",
     "get_config",
+    "has_default",
     "load_checkpoint",
+    "load_default",
     "save_checkpoint",
 ]

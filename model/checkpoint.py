@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import re
+from pathlib import Path
 from typing import Any
 
 import fsspec
@@ -227,3 +228,25 @@ def _load_strict(model: Sam, state_dict: dict[str, torch.Tensor], source: str) -
         )
     # Checkpoints may store float16: copy into the float32 parameters.
     model.load_state_dict({k: v.to(expected[k].dtype) for k, v in state_dict.items()}, strict=True)
+
+
+DEFAULT_CHECKPOINT = Path(__file__).resolve().parent / "weights" / "default.pt"
+
+
+def has_default() -> bool:
+    """Whether this installation ships the default model."""
+    return DEFAULT_CHECKPOINT.is_file()
+
+
+def load_default(device: str | torch.device = "cpu") -> Sam:
+    """The small model shipped inside the package (no download).
+
+    Raises:
+        FileNotFoundError: when this build ships no default model.
+    """
+    if not has_default():
+        raise FileNotFoundError(
+            f"no default model is shipped in this build ({DEFAULT_CHECKPOINT} is missing); "
+            "pass a checkpoint, or train one with `maskmill pretrain`"
+        )
+    return load_checkpoint(str(DEFAULT_CHECKPOINT), device=device)

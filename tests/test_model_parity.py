@@ -12,8 +12,8 @@ import pytest
 import torch
 from segment_anything import SamPredictor
 
+from engine.synthetic import photo_like
 from model import Predictor, build_model, get_config, load_checkpoint
-from tests.images import photo_like
 from tests.reference import build_reference, randomize_
 
 LOGIT_TOLERANCE = 1e-3

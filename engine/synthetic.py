@@ -1,4 +1,5 @@
-"""Photo-like test images the suite generates itself (no downloads, no ../shared)."""
+"""Synthetic, photo-like images generated from a seed: demo inputs and test data that need no
+download."""
 
 from __future__ import annotations
 
