@@ -37,6 +37,14 @@ def _save(fig: Figure, out_dir: str, name: str) -> str:
     return path
 
 
+def _legend(ax, series: int) -> None:
+    """Legend inside the axes for a few series, outside on the right for many."""
+    if series > 3:
+        ax.legend(frameon=False, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
+    else:
+        ax.legend(frameon=False, fontsize=9)
+
+
 def _empty(fig: Figure, ax, text: str) -> None:
     ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes, color="0.4")
     ax.set_xticks([])
@@ -48,7 +56,7 @@ def plot_masks_per_image(catalog: Catalog, out_dir: str) -> str:
     rows = catalog.con.execute(
         "SELECT round, stage, count(*) FROM masks GROUP BY round, stage, image_id"
     ).fetchall()
-    fig = Figure(figsize=(7, 4.2))
+    fig = Figure(figsize=(7, 4.2), layout="constrained")
     ax = fig.add_subplot()
     if not rows:
         _empty(fig, ax, "no masks")
@@ -60,17 +68,22 @@ def plot_masks_per_image(catalog: Catalog, out_dir: str) -> str:
     # Integer-aligned bins, at most ~25 of them: every bar covers the same count of values.
     step = max(1, math.ceil((top + 1) / 25))
     edges = np.arange(0.5, top + step + 0.5, step)
+    centres = (edges[:-1] + edges[1:]) / 2
     width = step / (len(groups) + 0.5)
     for k, (key, counts) in enumerate(sorted(groups.items())):
-        hist, _ = np.histogram(counts, edges)
-        offset = (k - (len(groups) - 1) / 2) * width
-        ax.bar((edges[:-1] + edges[1:]) / 2 + offset, 100 * hist / len(counts), width=width,
-               label=f"{_label(*key)} ({len(counts)} images)")
+        percent = 100 * np.histogram(counts, edges)[0] / len(counts)
+        label = f"{_label(*key)} ({len(counts)} images)"
+        if len(groups) <= 2:  # bars side by side read well for one or two series
+            offset = (k - (len(groups) - 1) / 2) * width
+            ax.bar(centres + offset, percent, width=width, label=label)
+        else:  # more series: lines, like the SA-1B paper's dataset comparisons
+            ax.plot(centres, percent, marker="o", markersize=3, label=label)
     ax.set_xlabel("masks per image" + (f" (bins of {step})" if step > 1 else ""))
     ax.set_ylabel("percent of images")
     ax.set_title("Masks per image")
     ax.set_xlim(edges[0], edges[-1])
-    ax.legend(frameon=False)
+    ax.set_ylim(bottom=0)
+    _legend(ax, len(groups))
     ax.grid(axis="y", alpha=0.3)
     return _save(fig, out_dir, "masks_per_image.png")
 
@@ -83,7 +96,7 @@ def plot_relative_size(catalog: Catalog, out_dir: str) -> str:
                    count(*)
             FROM masks GROUP BY ALL"""
     ).fetchall()
-    fig = Figure(figsize=(7, 4.2))
+    fig = Figure(figsize=(7, 4.2), layout="constrained")
     ax = fig.add_subplot()
     if not rows:
         _empty(fig, ax, "no masks")
@@ -100,7 +113,7 @@ def plot_relative_size(catalog: Catalog, out_dir: str) -> str:
     ax.set_title("Relative mask size")
     ax.set_xlim(0, 1)
     ax.set_ylim(bottom=0)
-    ax.legend(frameon=False)
+    _legend(ax, len(groups))
     ax.grid(alpha=0.3)
     return _save(fig, out_dir, "relative_mask_size.png")
 
@@ -146,7 +159,7 @@ def plot_centres(catalog: Catalog, out_dir: str) -> str:
 
 def plot_scores(catalog: Catalog, out_dir: str) -> str:
     """Predicted IoU and stability score histograms per round and stage (model masks)."""
-    fig = Figure(figsize=(10, 3.8))
+    fig = Figure(figsize=(10, 3.8), layout="constrained")
     axes = fig.subplots(1, 2)
     for ax, column in zip(axes, ("predicted_iou", "stability_score"), strict=True):
         rows = catalog.con.execute(
@@ -162,8 +175,8 @@ def plot_scores(catalog: Catalog, out_dir: str) -> str:
         for round_, stage, b, n in rows:
             groups.setdefault((round_, stage), np.zeros(20))[b] += n
         for key, hist in sorted(groups.items()):
-            ax.step(np.arange(20) / 20, 100 * hist / hist.sum(), where="post",
-                    label=f"{_label(*key)} ({int(hist.sum())})")
+            ax.stairs(100 * hist / hist.sum(), np.linspace(0, 1, 21), linewidth=1.5,
+                      label=f"{_label(*key)} ({int(hist.sum())})")
         ax.set_xlim(0, 1)
         ax.set_xlabel(title)
         ax.set_ylabel("percent of masks")
@@ -174,31 +187,39 @@ def plot_scores(catalog: Catalog, out_dir: str) -> str:
 
 
 def plot_rounds(catalog: Catalog, out_dir: str) -> str:
-    """Per-round curves: masks, masks per image, and the model metrics of the rounds table."""
+    """Per-round curves: masks, masks per image, and the model metrics of the rounds table.
+
+    One line runs through the rounds; its markers are coloured by the stage of each round.
+    """
     per_round = catalog.con.execute(
-        """SELECT round, stage, count(*) AS masks, count(*) / count(DISTINCT image_id) AS mpi
-           FROM masks GROUP BY round, stage ORDER BY round, stage"""
+        """SELECT round, string_agg(DISTINCT stage, '+' ORDER BY stage) AS stages,
+                  count(*) AS masks, count(*) / count(DISTINCT image_id) AS mpi
+           FROM masks GROUP BY round ORDER BY round"""
     ).fetchall()
     metric_rows = catalog.con.execute(
-        "SELECT round, stage, metrics FROM rounds WHERE metrics IS NOT NULL ORDER BY round, stage"
+        "SELECT round, metrics FROM rounds WHERE metrics IS NOT NULL ORDER BY round, finished_at"
     ).fetchall()
     fig = Figure(figsize=(13, 3.8), layout="constrained")
     axes = fig.subplots(1, 3)
-    by_stage: dict[str, list[tuple]] = {}
-    for round_, stage, masks, mpi in per_round:
-        by_stage.setdefault(stage, []).append((round_, masks, mpi))
-    for stage, points in by_stage.items():
-        rounds = [p[0] for p in points]
-        axes[0].plot(rounds, [p[1] for p in points], marker="o", label=stage)
-        axes[1].plot(rounds, [p[2] for p in points], marker="o", label=stage)
-    metrics: dict[str, list[tuple]] = {}
-    for round_, stage, text in metric_rows:
+    rounds = [r for r, *_ in per_round]
+    stage_colours: dict[str, str] = {}
+    for k, column in enumerate((2, 3)):
+        ax = axes[k]
+        ax.plot(rounds, [row[column] for row in per_round], color="0.6", zorder=1)
+        for row in per_round:
+            first = row[1] not in stage_colours
+            colour = stage_colours.setdefault(row[1], f"C{len(stage_colours)}")
+            ax.scatter([row[0]], [row[column]], color=colour, zorder=2,
+                       label=row[1] if k == 0 and first else None)
+    metrics: dict[str, dict[int, float]] = {}
+    for round_, text in metric_rows:  # a round's last finished stage wins
         for name, value in json.loads(text).items():
             if isinstance(value, (int, float)):
-                metrics.setdefault(f"{name} ({stage})", []).append((round_, value))
+                metrics.setdefault(name, {})[round_] = value
     for name, points in sorted(metrics.items()):
-        axes[2].plot([p[0] for p in points], [p[1] for p in points], marker="o", label=name)
-    all_rounds = sorted({r for r, *_ in per_round} | {r for r, *_ in metric_rows})
+        xs = sorted(points)
+        axes[2].plot(xs, [points[x] for x in xs], marker="o", label=name)
+    all_rounds = sorted(set(rounds) | {r for r, _ in metric_rows})
     titles = ("Masks per round", "Masks per image", "Model metrics")
     ylabels = ("masks", "mean masks per image", "value")
     for ax, title, ylabel, has in zip(axes, titles, ylabels,
@@ -212,8 +233,10 @@ def plot_rounds(catalog: Catalog, out_dir: str) -> str:
         ax.set_xticks(all_rounds)
         ax.set_xlim(min(all_rounds) - 0.5, max(all_rounds) + 0.5)
         ax.set_ylim(bottom=0)
-        ax.legend(frameon=False, fontsize=8)
         ax.grid(alpha=0.3)
+    axes[0].legend(frameon=False, fontsize=8, title="stage", title_fontsize=8)
+    if metrics:
+        axes[2].legend(frameon=False, fontsize=8)
     return _save(fig, out_dir, "rounds.png")
 
 

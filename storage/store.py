@@ -36,7 +36,8 @@ _KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _TMP_SUFFIX = ".tmp"
 # Row groups of this many rows let DuckDB read one shard on several threads.
 ROW_GROUP_ROWS = 128 * 1024
-PARQUET_OPTIONS: dict[str, Any] = {"compression": "zstd", "compression_level": 9}
+# zstd level 3: level 9 saves ~4 % of bytes for 4x the encoding time.
+PARQUET_OPTIONS: dict[str, Any] = {"compression": "zstd", "compression_level": 3}
 
 
 class Store:
