@@ -5,6 +5,7 @@ from storage.catalog import Catalog
 from storage.coco import ImportResult, export_coco, export_sa1b, import_coco
 from storage.errors import (
     CocoFormatError,
+    GroundTruthConflictError,
     MaskSizeError,
     MissingImageError,
     StorageError,
@@ -23,6 +24,7 @@ __all__ = [
     "SCHEMAS",
     "Catalog",
     "CocoFormatError",
+    "GroundTruthConflictError",
     "ImageInfo",
     "ImportResult",
     "MaskSizeError",

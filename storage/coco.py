@@ -22,6 +22,7 @@ from storage import rle
 from storage.catalog import Catalog
 from storage.errors import (
     CocoFormatError,
+    GroundTruthConflictError,
     MaskSizeError,
     MissingImageError,
     StorageError,
@@ -215,13 +216,38 @@ def import_coco(
     # Everything checked: now write. Same images -> same key -> the shards are replaced.
     ids = sorted(info.image_id for info in infos.values())
     key = "coco-" + hashlib.blake2b("\n".join(ids).encode(), digest_size=8).hexdigest()
+    names = {info.image_id: by_sha[info.sha256] for info in infos.values()}
     now = utc_now()
-    images_shard = store.write_shard("images", images_table(list(infos.values()), now), key)
     with StageWriter(store, GT_ROUND, STAGE_GT, owner=f"import-coco {annotations}") as writer:
+        _refuse_other_ground_truth(store, key, names)
+        images_shard = store.write_shard("images", images_table(list(infos.values()), now), key)
         table = masks_table(records, GT_ROUND, STAGE_GT, source="gt", created_at=now)
         masks_shard = writer.write_masks(key, table)
         writer.finish()
     return ImportResult(len(infos), len(records), images_shard, masks_shard)
+
+
+def _refuse_other_ground_truth(store: Store, key: str, names: dict[str, str]) -> None:
+    """Raise GroundTruthConflictError when an image already has ground truth from another
+    import (another shard): its masks would otherwise be stored twice."""
+    if not store.shards("masks"):
+        return
+    own = store.shard_path("masks", key, GT_ROUND, STAGE_GT).rsplit("/", 1)[1]
+    with Catalog(store) as catalog:
+        rows = catalog.con.execute(
+            f"SELECT DISTINCT image_id, filename FROM {catalog.scan('masks')} "
+            "WHERE round = ? AND stage = ? AND image_id IN (SELECT unnest(?))",
+            [GT_ROUND, STAGE_GT, list(names)],
+        ).fetchall()
+    errors: list[StorageError] = [
+        GroundTruthConflictError(
+            f"{names[image_id]}: already has ground truth from another import ({shard}); "
+            "delete that shard to import this file instead")
+        for image_id, shard in sorted(rows, key=lambda r: names[r[0]])
+        if not shard.endswith("/" + own)
+    ]
+    if errors:
+        raise errors[0] if len(errors) == 1 else ValidationErrors("import", errors)
 
 
 # -- export --------------------------------------------------------------------------------

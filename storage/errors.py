@@ -23,6 +23,10 @@ class MaskSizeError(StorageError, ValueError):
     """A mask's height and width do not match its image's."""
 
 
+class GroundTruthConflictError(StorageError):
+    """An import would give an image a second set of ground truth from another file."""
+
+
 class ValidationErrors(StorageError, ValueError):
     """Several problems found while validating an import; nothing was written.
 

@@ -16,6 +16,7 @@ from pycocotools.cocoeval import COCOeval
 from storage import (
     Catalog,
     CocoFormatError,
+    GroundTruthConflictError,
     MaskSizeError,
     MissingImageError,
     Store,
@@ -112,7 +113,10 @@ def test_exported_coco_loads_and_scores(tmp_path, store):
     assert len(gt.getAnnIds()) == 6 and len(gt.getImgIds()) == 4
     assert {c["name"] for c in gt.loadCats(gt.getCatIds())} == {"nut", "fig"}
     assert {img["file_name"] for img in gt.loadImgs(gt.getImgIds())} == {
-        "a.png", "b.png", "sub/c.png", "d.png"
+        "a.png",
+        "b.png",
+        "sub/c.png",
+        "d.png",
     }
     results = gt.loadRes(json.loads(out.read_text())["annotations"])  # needs "score"
     evaluation = COCOeval(gt, results, "segm")
@@ -125,8 +129,11 @@ def test_exported_coco_loads_and_scores(tmp_path, store):
 def test_sa1b_export(tmp_path, store):
     annotations, images, _ = make_coco(tmp_path)
     import_coco(str(annotations), str(images), store)
-    out = f"{store.url.rstrip('/')}-sa1b" if store.url.startswith("memory") else str(
-        tmp_path / "sa1b")
+    out = (
+        f"{store.url.rstrip('/')}-sa1b"
+        if store.url.startswith("memory")
+        else str(tmp_path / "sa1b")
+    )
     assert export_sa1b(store, out) == {"images": 3, "masks": 6}  # d.png has no masks
     fs, root = fsspec.core.url_to_fs(out)
     names = sorted(p.rsplit("/", 1)[1] for p in fs.ls(root, detail=False))
@@ -137,8 +144,14 @@ def test_sa1b_export(tmp_path, store):
     stored = {r[0]: r[2] for r in _masks(store)}
     for ann in doc["annotations"]:
         assert ann["segmentation"]["counts"] == stored[ann["id"]]
-        assert set(ann) >= {"area", "bbox", "predicted_iou", "point_coords", "stability_score",
-                            "crop_box"}
+        assert set(ann) >= {
+            "area",
+            "bbox",
+            "predicted_iou",
+            "point_coords",
+            "stability_score",
+            "crop_box",
+        }
 
 
 # -- malformed input: a named error, and the store unchanged --------------------------------
@@ -220,3 +233,29 @@ def test_every_problem_is_listed(tmp_path, store):
     assert kinds == [MissingImageError, CocoFormatError, MaskSizeError]
     assert "3 problem(s), nothing was written" in str(caught.value)
     assert snapshot(store) == {}
+
+
+def test_overlapping_import_is_refused(tmp_path, store):
+    """A second file giving an image ground truth again is refused, naming the entry."""
+    annotations, images, data = make_coco(tmp_path)
+    import_coco(str(annotations), str(images), store)
+    before = snapshot(store)
+    data["images"] = data["images"][:2]  # a different file: a.png and b.png only
+    data["annotations"] = [a for a in data["annotations"] if a["image_id"] <= 2]
+    subset = tmp_path / "subset.json"
+    subset.write_text(json.dumps(data))
+    with pytest.raises(ValidationErrors) as caught:
+        import_coco(str(subset), str(images), store)
+    assert [type(e) for e in caught.value.errors] == [GroundTruthConflictError] * 2
+    assert "images[0] (id=1, file_name='a.png'): already has ground truth" in str(caught.value)
+    assert snapshot(store) == before
+
+
+def test_storage_imports_neither_prefect_nor_ray():
+    import subprocess
+    import sys
+
+    code = ("import sys, storage, storage.plots; "
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'prefect', 'ray'}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

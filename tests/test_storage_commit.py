@@ -26,11 +26,16 @@ PRELUDE = "from tests.test_storage_data import records\n"
 def store(request, tmp_path) -> Iterator[Store]:
     yield from empty_store(request.param, tmp_path)
 
+
 def _run(script: str, *args: str, **kwargs) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-c", PRELUDE + textwrap.dedent(script), *args],
-        cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        text=True, **kwargs,
+        cwd=REPO,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **kwargs,
     )
 
 

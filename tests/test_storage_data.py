@@ -41,18 +41,48 @@ def make_coco(root: Path, seed: int = 0) -> tuple[Path, Path, dict[str, Any]]:
     compressed = np.zeros((48, 64), np.uint8)
     compressed[5:20, 30:60] = 1
     annotations = [
-        {"id": 11, "image_id": 1, "category_id": 1, "iscrowd": 0,
-         "segmentation": [[2, 2, 20, 3, 18, 25, 4, 20]]},
-        {"id": 12, "image_id": 1, "category_id": 2, "iscrowd": 0,
-         "segmentation": [[30, 30, 40, 30, 40, 40, 30, 40], [50, 35, 60, 35, 55, 45]]},
-        {"id": 13, "image_id": 1, "category_id": 2, "iscrowd": 0,
-         "segmentation": _compressed(compressed)},
-        {"id": 21, "image_id": 2, "category_id": 1, "iscrowd": 1,
-         "segmentation": _uncompressed(crowd)},
-        {"id": 22, "image_id": 2, "category_id": 1, "iscrowd": 0,
-         "segmentation": [[10.5, 40.5, 70.25, 42.0, 60.0, 58.75, 12.0, 55.0]]},
-        {"id": 31, "image_id": 3, "category_id": 2, "iscrowd": 0,
-         "segmentation": [[5, 5, 45, 8, 40, 45, 8, 40]]},
+        {
+            "id": 11,
+            "image_id": 1,
+            "category_id": 1,
+            "iscrowd": 0,
+            "segmentation": [[2, 2, 20, 3, 18, 25, 4, 20]],
+        },
+        {
+            "id": 12,
+            "image_id": 1,
+            "category_id": 2,
+            "iscrowd": 0,
+            "segmentation": [[30, 30, 40, 30, 40, 40, 30, 40], [50, 35, 60, 35, 55, 45]],
+        },
+        {
+            "id": 13,
+            "image_id": 1,
+            "category_id": 2,
+            "iscrowd": 0,
+            "segmentation": _compressed(compressed),
+        },
+        {
+            "id": 21,
+            "image_id": 2,
+            "category_id": 1,
+            "iscrowd": 1,
+            "segmentation": _uncompressed(crowd),
+        },
+        {
+            "id": 22,
+            "image_id": 2,
+            "category_id": 1,
+            "iscrowd": 0,
+            "segmentation": [[10.5, 40.5, 70.25, 42.0, 60.0, 58.75, 12.0, 55.0]],
+        },
+        {
+            "id": 31,
+            "image_id": 3,
+            "category_id": 2,
+            "iscrowd": 0,
+            "segmentation": [[5, 5, 45, 8, 40, 45, 8, 40]],
+        },
     ]
     for ann in annotations:  # area and bbox as COCO files carry them (ignored by the import)
         ann["area"], ann["bbox"] = 0, [0, 0, 0, 0]
@@ -88,9 +118,16 @@ def records(n: int, image: str = "img0") -> list[dict[str, Any]]:
     for i in range(n):
         mask = np.zeros((32, 48), bool)
         mask[i % 20 : i % 20 + 8, 2 + i % 30 : 12 + i % 30] = True
-        out.append({"image_id": image, "segmentation": rle.encode(mask), "predicted_iou": 0.9,
-                    "stability_score": 0.95, "point_coords": [[5.0, 5.0]],
-                    "crop_box": [0, 0, 48, 32]})
+        out.append(
+            {
+                "image_id": image,
+                "segmentation": rle.encode(mask),
+                "predicted_iou": 0.9,
+                "stability_score": 0.95,
+                "point_coords": [[5.0, 5.0]],
+                "crop_box": [0, 0, 48, 32],
+            }
+        )
     return out
 
 

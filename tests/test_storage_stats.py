@@ -26,8 +26,12 @@ def _square(side: int, iou: float | None, stability: float | None, image: str) -
     """A side x side square mask on a 100 x 100 image: relative size side / 100."""
     mask = np.zeros((100, 100), bool)
     mask[10 : 10 + side, 5 : 5 + side] = True
-    return {"image_id": image, "segmentation": rle.encode(mask), "predicted_iou": iou,
-            "stability_score": stability}
+    return {
+        "image_id": image,
+        "segmentation": rle.encode(mask),
+        "predicted_iou": iou,
+        "stability_score": stability,
+    }
 
 
 def _fill(store: Store) -> None:
@@ -42,13 +46,23 @@ def _fill(store: Store) -> None:
     with StageWriter(store, 1, "auto") as writer:
         writer.write_masks("part-a", auto[:4], model_version=1)
         writer.write_masks("part-b", auto[4:], model_version=1)
-        writer.write_failures("part-a", [
-            {"image_id": "E", "error": "CUDA out of memory\nTraceback ..."},
-            {"uri": "file:///F.png", "error": "CUDA out of memory\nTraceback ..."},
-        ])
+        writer.write_failures(
+            "part-a",
+            [
+                {"image_id": "E", "error": "CUDA out of memory\nTraceback ..."},
+                {"uri": "file:///F.png", "error": "CUDA out of memory\nTraceback ..."},
+            ],
+        )
         writer.finish(model_version=1, metrics={"miou": 0.7, "ap": 0.5})
-    semi = [{**_square(s, None, None, "A"), "source": "annotator-1",
-             "clicks": [[12, 14, 1], [50, 50, 0]], "seconds": 4.5} for s in (20, 40)]
+    semi = [
+        {
+            **_square(s, None, None, "A"),
+            "source": "annotator-1",
+            "clicks": [[12, 14, 1], [50, 50, 0]],
+            "seconds": 4.5,
+        }
+        for s in (20, 40)
+    ]
     with StageWriter(store, 2, "semi") as writer:
         writer.write_masks("part-a", semi, model_version=1)
         writer.write_failures("part-a", [{"image_id": "G", "error": "image unreadable"}])
@@ -62,7 +76,8 @@ def test_stats_match_known_numbers(store):
     assert (stats["images"], stats["images_with_masks"], stats["masks"]) == (4, 3, 12)
     # per image overall: A 5, B 1, C 6
     assert stats["masks_per_image"] == pytest.approx(
-        {"mean": 4.0, "median": 5.0, "p90": np.percentile([5, 1, 6], 90)})
+        {"mean": 4.0, "median": 5.0, "p90": np.percentile([5, 1, 6], 90)}
+    )
     assert stats["relative_size"]["counts"] == [3, 2, 3, 2, 1, 1]
     assert stats["predicted_iou"]["counts"] == [1, 0, 0, 0, 0, 0, 0, 0, 1, 8]  # 0.9 and 1.02 -> top
     assert stats["predicted_iou"]["masks_without"] == 2
@@ -72,19 +87,27 @@ def test_stats_match_known_numbers(store):
     auto, semi = stats["groups"]
     assert (auto["round"], auto["stage"], auto["images"], auto["masks"]) == (1, "auto", 3, 10)
     assert auto["masks_per_image"] == pytest.approx(
-        {"mean": 10 / 3, "median": 3.0, "p90": np.percentile([3, 1, 6], 90)})
+        {"mean": 10 / 3, "median": 3.0, "p90": np.percentile([3, 1, 6], 90)}
+    )
     assert auto["relative_size"]["counts"] == [3, 2, 2, 1, 1, 1]
     assert (semi["round"], semi["stage"], semi["images"], semi["masks"]) == (2, "semi", 1, 2)
     assert semi["masks_per_image"] == {"mean": 2.0, "median": 2.0, "p90": 2.0}
-    assert semi["predicted_iou"] == {"edges": pytest.approx(np.linspace(0, 1, 11)),
-                                     "counts": [0] * 10, "masks_without": 2}
+    assert semi["predicted_iou"] == {
+        "edges": pytest.approx(np.linspace(0, 1, 11)),
+        "counts": [0] * 10,
+        "masks_without": 2,
+    }
 
     assert stats["failures"]["total"] == 3
     assert stats["failures"]["groups"] == [
-        {"round": 1, "stage": "auto", "failures": 2}, {"round": 2, "stage": "semi", "failures": 1}]
+        {"round": 1, "stage": "auto", "failures": 2},
+        {"round": 2, "stage": "semi", "failures": 1},
+    ]
     assert stats["failures"]["top_errors"][0] == {"error": "CUDA out of memory", "count": 2}
     assert [(r["round"], r["images"], r["masks"], r["metrics"]) for r in stats["rounds"]] == [
-        (1, 3, 10, {"miou": 0.7, "ap": 0.5}), (2, 1, 2, {"miou": 0.8})]
+        (1, 3, 10, {"miou": 0.7, "ap": 0.5}),
+        (2, 1, 2, {"miou": 0.8}),
+    ]
     text = format_stats(stats)
     assert "masks per image  mean 4.0  median 5.0  p90 5.8" in text
     assert "failures 3" in text
@@ -95,11 +118,13 @@ def test_stored_columns_round_trip(store):
     with Catalog(store) as catalog:
         clicks, seconds, model_version, area, bbox = catalog.query(
             "SELECT clicks, seconds, model_version, area, bbox FROM masks WHERE stage = 'semi' "
-            "ORDER BY area LIMIT 1")[1][0]
+            "ORDER BY area LIMIT 1"
+        )[1][0]
         assert clicks == [{"x": 12.0, "y": 14.0, "label": 1}, {"x": 50.0, "y": 50.0, "label": 0}]
         assert (seconds, model_version, area, list(bbox)) == (4.5, 1, 400, [5, 10, 20, 20])
-        types = dict(catalog.query("SELECT column_name, column_type FROM "
-                                   "(DESCRIBE SELECT * FROM masks)")[1])
+        types = dict(
+            catalog.query("SELECT column_name, column_type FROM (DESCRIBE SELECT * FROM masks)")[1]
+        )
         assert types["round"] == "INTEGER" and types["bbox"] == "FLOAT[4]"
 
 
@@ -113,14 +138,26 @@ def test_empty_store_has_every_view(store):
 
 
 def test_models_view(store):
-    store.write_model(1, b"weights", {"round": 1, "config": {"encoder_depth": 2},
-                                      "metrics": {"miou": 0.7},
-                                      "created_at": "2025-01-02T03:04:05+00:00"})
+    store.write_model(
+        1,
+        b"weights",
+        {
+            "round": 1,
+            "config": {"encoder_depth": 2},
+            "metrics": {"miou": 0.7},
+            "created_at": "2025-01-02T03:04:05+00:00",
+        },
+    )
     with Catalog(store) as catalog:
         (version, round_, uri, config, metrics) = catalog.query(
-            "SELECT version, round, uri, config, metrics FROM models")[1][0]
+            "SELECT version, round, uri, config, metrics FROM models"
+        )[1][0]
     assert (version, round_, json.loads(config), json.loads(metrics)) == (
-        1, 1, {"encoder_depth": 2}, {"miou": 0.7})
+        1,
+        1,
+        {"encoder_depth": 2},
+        {"miou": 0.7},
+    )
     assert uri.endswith("models/v1/model.pt")
     assert store.fs.cat_file(store.path("models", "v1", "model.pt")) == b"weights"
 
@@ -130,8 +167,12 @@ def test_plots_are_written(store, tmp_path):
     with Catalog(store) as catalog:
         paths = plot_stats(catalog, str(tmp_path / "plots"))
     assert [p.rsplit("/", 1)[1] for p in paths] == [
-        "masks_per_image.png", "relative_mask_size.png", "mask_centres.png", "scores.png",
-        "rounds.png"]
+        "masks_per_image.png",
+        "relative_mask_size.png",
+        "mask_centres.png",
+        "scores.png",
+        "rounds.png",
+    ]
     for path in paths:
         with Image.open(path) as image:
             assert image.format == "PNG" and image.width > 300
@@ -140,8 +181,20 @@ def test_plots_are_written(store, tmp_path):
 def test_cli_commands(tmp_path, store, capsys):
     annotations, images, _ = make_coco(tmp_path)
     url = store.url
-    assert main(["import-coco", "--annotations", str(annotations), "--images", str(images),
-                 "--store", url]) == 0
+    assert (
+        main(
+            [
+                "import-coco",
+                "--annotations",
+                str(annotations),
+                "--images",
+                str(images),
+                "--store",
+                url,
+            ]
+        )
+        == 0
+    )
     assert "imported 4 images and 6 masks" in capsys.readouterr().out
 
     assert main(["stats", "--store", url, "--json", "--plot", str(tmp_path / "plots")]) == 0
@@ -151,23 +204,59 @@ def test_cli_commands(tmp_path, store, capsys):
     assert "mask_centres.png" in out.err
     assert (tmp_path / "plots" / "rounds.png").exists()
 
-    assert main(["query", "--store", url, "SELECT category, count(*) AS n FROM masks "
-                 "GROUP BY category ORDER BY category"]) == 0
+    assert (
+        main(
+            [
+                "query",
+                "--store",
+                url,
+                "SELECT category, count(*) AS n FROM masks GROUP BY category ORDER BY category",
+            ]
+        )
+        == 0
+    )
     assert capsys.readouterr().out == "category\tn\nfig\t3\nnut\t3\n"
     assert main(["query", "--store", url, "SELECT nope FROM masks"]) == 1
     assert "nope" in capsys.readouterr().err
 
     out_file = tmp_path / "out.json"
-    assert main(["export", "--store", url, "--format", "coco", "--out", str(out_file),
-                 "--where", "m.category = 'fig'"]) == 0
+    assert (
+        main(
+            [
+                "export",
+                "--store",
+                url,
+                "--format",
+                "coco",
+                "--out",
+                str(out_file),
+                "--where",
+                "m.category = 'fig'",
+            ]
+        )
+        == 0
+    )
     assert len(json.loads(out_file.read_text())["annotations"]) == 3
-    assert main(["export", "--store", url, "--format", "sa1b", "--out",
-                 str(tmp_path / "sa1b")]) == 0
+    assert (
+        main(["export", "--store", url, "--format", "sa1b", "--out", str(tmp_path / "sa1b")]) == 0
+    )
     assert len(list((tmp_path / "sa1b").glob("*.json"))) == 3
     capsys.readouterr()
 
     (images / "a.png").unlink()
-    assert main(["import-coco", "--annotations", str(annotations), "--images", str(images),
-                 "--store", url]) == 1
+    assert (
+        main(
+            [
+                "import-coco",
+                "--annotations",
+                str(annotations),
+                "--images",
+                str(images),
+                "--store",
+                url,
+            ]
+        )
+        == 1
+    )
     err = capsys.readouterr().err
     assert "maskmill import-coco: images[0] (id=1, file_name='a.png'): image file not found" in err
