@@ -49,8 +49,10 @@ def _import_coco(args: argparse.Namespace) -> int:
     from storage import import_coco
 
     result = import_coco(args.annotations, args.images, args.store, progress=True)
-    print(f"imported {result.images} images and {result.masks} masks as ground truth "
-          f"(round 0, stage gt) into {args.store}")
+    print(
+        f"imported {result.images} images and {result.masks} masks as ground truth "
+        f"(round 0, stage gt) into {args.store}"
+    )
     return 0
 
 
@@ -59,8 +61,10 @@ def _export(args: argparse.Namespace) -> int:
 
     export = export_coco if args.format == "coco" else export_sa1b
     counts = export(args.store, args.out, where=args.where, progress=True)
-    print(f"exported {counts['masks']} masks of {counts['images']} images as {args.format} "
-          f"to {args.out}")
+    print(
+        f"exported {counts['masks']} masks of {counts['images']} images as {args.format} "
+        f"to {args.out}"
+    )
     return 0
 
 
@@ -90,8 +94,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=_storage_errors(_stats))
 
     p = subparsers.add_parser(
-        "query", help="run SQL over the store's tables",
-        description="Run DuckDB SQL over views images, masks, rounds, failures, models.")
+        "query",
+        help="run SQL over the store's tables",
+        description="Run DuckDB SQL over views images, masks, rounds, failures, models.",
+    )
     p.add_argument("--store", required=True, help=store_help)
     p.add_argument("--json", action="store_true", help="print rows as JSON objects")
     p.add_argument("sql", help='e.g. "SELECT stage, count(*) FROM masks GROUP BY stage"')
@@ -106,7 +112,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("export", help="export masks as COCO JSON or SA-1B files")
     p.add_argument("--store", required=True, help=store_help)
     p.add_argument("--format", required=True, choices=("coco", "sa1b"))
-    p.add_argument("--out", required=True,
-                   help="COCO: the JSON file to write; SA-1B: the folder for per-image files")
+    p.add_argument(
+        "--out",
+        required=True,
+        help="COCO: the JSON file to write; SA-1B: the folder for per-image files",
+    )
     p.add_argument("--where", help="SQL filter over masks m, e.g. \"m.stage = 'auto'\"")
     p.set_defaults(handler=_storage_errors(_export))

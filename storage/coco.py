@@ -103,8 +103,10 @@ def import_coco(
     categories: dict[int, str] = {}
     for i, cat in enumerate(data.get("categories", [])):
         name = _entry("categories", i, cat, "id", "name")
-        if not isinstance(cat, dict) or not _is_int(cat.get("id")) or not isinstance(
-            cat.get("name"), str
+        if (
+            not isinstance(cat, dict)
+            or not _is_int(cat.get("id"))
+            or not isinstance(cat.get("name"), str)
         ):
             errors.append(CocoFormatError(f"{name}: needs an integer 'id' and a string 'name'"))
         elif cat["id"] in categories:
@@ -116,9 +118,12 @@ def import_coco(
     entries: dict[int, tuple[int, dict[str, Any]]] = {}
     for i, img in enumerate(data["images"]):
         name = _entry("images", i, img, "id", "file_name")
-        if not isinstance(img, dict) or not _is_int(img.get("id")) or not isinstance(
-            img.get("file_name"), str
-        ) or not img["file_name"]:
+        if (
+            not isinstance(img, dict)
+            or not _is_int(img.get("id"))
+            or not isinstance(img.get("file_name"), str)
+            or not img["file_name"]
+        ):
             errors.append(CocoFormatError(f"{name}: needs an integer 'id' and a 'file_name'"))
             continue
         for key in ("width", "height"):
@@ -132,8 +137,9 @@ def import_coco(
     root = _local_or_url(images).rstrip("/")
     infos: dict[int, ImageInfo] = {}
     by_sha: dict[str, str] = {}
-    for coco_id, (i, img) in tqdm(entries.items(), desc="reading images", unit="image",
-                                  disable=not progress):
+    for coco_id, (i, img) in tqdm(
+        entries.items(), desc="reading images", unit="image", disable=not progress
+    ):
         name = _entry("images", i, img, "id", "file_name")
         try:
             info = read_image_info(f"{root}/{img['file_name'].lstrip('/')}")
@@ -145,14 +151,20 @@ def import_coco(
             continue
         given = (img.get("width", info.width), img.get("height", info.height))
         if given != (info.width, info.height):
-            errors.append(MaskSizeError(
-                f"{name}: the COCO entry says {given[0]}x{given[1]} (w x h) but the image file is "
-                f"{info.width}x{info.height}"))
+            errors.append(
+                MaskSizeError(
+                    f"{name}: the COCO entry says {given[0]}x{given[1]} (w x h) but the image "
+                    f"file is {info.width}x{info.height}"
+                )
+            )
             continue
         if info.sha256 in by_sha:
-            errors.append(CocoFormatError(
-                f"{name}: same file content as {by_sha[info.sha256]}; images are identified by "
-                "content, so remove the duplicate entry"))
+            errors.append(
+                CocoFormatError(
+                    f"{name}: same file content as {by_sha[info.sha256]}; images are identified by "
+                    "content, so remove the duplicate entry"
+                )
+            )
             continue
         by_sha[info.sha256] = name
         infos[coco_id] = info
@@ -161,8 +173,9 @@ def import_coco(
     records: list[dict[str, Any]] = []
     seen_ids: set[int] = set()
     per_image: dict[int, int] = {}
-    for i, ann in enumerate(tqdm(data["annotations"], desc="checking masks", unit="mask",
-                                 disable=not progress)):
+    for i, ann in enumerate(
+        tqdm(data["annotations"], desc="checking masks", unit="mask", disable=not progress)
+    ):
         name = _entry("annotations", i, ann, "id", "image_id")
         if not isinstance(ann, dict):
             errors.append(CocoFormatError(f"{name}: not a JSON object"))
@@ -174,13 +187,15 @@ def import_coco(
         else:
             seen_ids.add(ann["id"])
         if ann.get("image_id") not in entries:
-            errors.append(CocoFormatError(
-                f"{name}: image_id {ann.get('image_id')!r} is not in 'images'"))
+            errors.append(
+                CocoFormatError(f"{name}: image_id {ann.get('image_id')!r} is not in 'images'")
+            )
             continue
         category_id = ann.get("category_id")
         if categories and category_id not in categories:
-            errors.append(CocoFormatError(
-                f"{name}: category_id {category_id!r} is not in 'categories'"))
+            errors.append(
+                CocoFormatError(f"{name}: category_id {category_id!r} is not in 'categories'")
+            )
             continue
         if ann.get("iscrowd", 0) not in (0, 1):
             errors.append(CocoFormatError(f"{name}: iscrowd {ann.get('iscrowd')!r} is not 0 or 1"))
@@ -201,14 +216,16 @@ def import_coco(
             continue
         index = per_image.get(ann["image_id"], 0)
         per_image[ann["image_id"]] = index + 1
-        records.append({
-            "image_id": info.image_id,
-            "index": index,
-            "segmentation": segmentation,
-            "category_id": category_id,
-            "category": categories.get(category_id),
-            "iscrowd": bool(ann.get("iscrowd", 0)),
-        })
+        records.append(
+            {
+                "image_id": info.image_id,
+                "index": index,
+                "segmentation": segmentation,
+                "category_id": category_id,
+                "category": categories.get(category_id),
+                "iscrowd": bool(ann.get("iscrowd", 0)),
+            }
+        )
 
     if errors:
         raise errors[0] if len(errors) == 1 else ValidationErrors(annotations, errors)
@@ -242,7 +259,8 @@ def _refuse_other_ground_truth(store: Store, key: str, names: dict[str, str]) ->
     errors: list[StorageError] = [
         GroundTruthConflictError(
             f"{names[image_id]}: already has ground truth from another import ({shard}); "
-            "delete that shard to import this file instead")
+            "delete that shard to import this file instead"
+        )
         for image_id, shard in sorted(rows, key=lambda r: names[r[0]])
         if not shard.endswith("/" + own)
     ]
@@ -317,24 +335,35 @@ def export_coco(
     store = store if isinstance(store, Store) else Store(store)
     with Catalog(store) as catalog:
         image_rows = catalog.con.execute(
-            "SELECT image_id, uri, width, height FROM images ORDER BY uri, image_id").fetchall()
+            "SELECT image_id, uri, width, height FROM images ORDER BY uri, image_id"
+        ).fetchall()
         cats = catalog.con.execute(
             "SELECT DISTINCT category_id, category FROM masks WHERE category_id IS NOT NULL "
             + (f"AND image_id IN (SELECT image_id FROM masks m WHERE {where}) " if where else "")
-            + "ORDER BY category_id").fetchall()
+            + "ORDER BY category_id"
+        ).fetchall()
         object_id = max([c for c, _ in cats], default=0) + 1
         names = _file_names([uri for _, uri, _, _ in image_rows])
         image_ids = {image_id: n for n, (image_id, *_rest) in enumerate(image_rows, start=1)}
-        images = [{"id": image_ids[i], "file_name": names[u], "width": w, "height": h,
-                   "maskmill_image_id": i} for i, u, w, h in image_rows]
+        images = [
+            {
+                "id": image_ids[i],
+                "file_name": names[u],
+                "width": w,
+                "height": h,
+                "maskmill_image_id": i,
+            }
+            for i, u, w, h in image_rows
+        ]
         categories = [{"id": c, "name": n or str(c)} for c, n in cats]
         masks = 0
         used_object = False
         with fsspec.open(out, "w") as handle:
             handle.write('{"info": {"description": "maskmill export"}, "licenses": [],\n')
             handle.write(f'"images": {json.dumps(images)},\n"annotations": [\n')
-            rows = tqdm(_export_rows(catalog, where), desc="exporting", unit="mask",
-                        disable=not progress)
+            rows = tqdm(
+                _export_rows(catalog, where), desc="exporting", unit="mask", disable=not progress
+            )
             for row in rows:
                 category_id = row["category_id"]
                 if category_id is None:
@@ -343,8 +372,10 @@ def export_coco(
                     "id": masks + 1,
                     "image_id": image_ids[row["image_id"]],
                     "category_id": category_id,
-                    "segmentation": {"size": [row["height"], row["width"]],
-                                     "counts": row["segmentation"]},
+                    "segmentation": {
+                        "size": [row["height"], row["width"]],
+                        "counts": row["segmentation"],
+                    },
                     "area": row["area"],
                     "bbox": list(row["bbox"]),
                     "iscrowd": int(row["iscrowd"]),
@@ -378,23 +409,30 @@ def export_sa1b(
     with Catalog(store) as catalog:
         stems = catalog.con.execute(
             "SELECT image_id, regexp_replace(regexp_extract(uri, '[^/]*$'), '\\.[^.]*$', '') "
-            "FROM images").fetchall()
+            "FROM images"
+        ).fetchall()
         stem_count: dict[str, int] = {}
         for _, stem in stems:
             stem_count[stem] = stem_count.get(stem, 0) + 1
         names = {i: s if stem_count[s] == 1 else f"{s}-{i}" for i, s in stems}
 
         def flush(first: dict[str, Any], anns: list[dict[str, Any]]) -> None:
-            doc = {"image": {"image_id": first["image_id"], "width": first["image_width"],
-                             "height": first["image_height"],
-                             "file_name": posixpath.basename(first["uri"])},
-                   "annotations": anns}
+            doc = {
+                "image": {
+                    "image_id": first["image_id"],
+                    "width": first["image_width"],
+                    "height": first["image_height"],
+                    "file_name": posixpath.basename(first["uri"]),
+                },
+                "annotations": anns,
+            }
             fs.pipe_file(f"{root}/{names[first['image_id']]}.json", json.dumps(doc).encode())
 
         current: dict[str, Any] | None = None
         anns: list[dict[str, Any]] = []
-        rows = tqdm(_export_rows(catalog, where), desc="exporting", unit="mask",
-                    disable=not progress)
+        rows = tqdm(
+            _export_rows(catalog, where), desc="exporting", unit="mask", disable=not progress
+        )
         for row in rows:
             if current is not None and row["image_id"] != current["image_id"]:
                 flush(current, anns)

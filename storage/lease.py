@@ -27,7 +27,11 @@ class StageLease:
     """The right to write round ``round_``, stage ``stage`` of a store's masks."""
 
     def __init__(
-        self, store: Store, round_: int, stage: str, owner: str | None = None,
+        self,
+        store: Store,
+        round_: int,
+        stage: str,
+        owner: str | None = None,
         ttl_s: float = DEFAULT_TTL_S,
     ) -> None:
         self.store = store

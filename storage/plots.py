@@ -106,8 +106,13 @@ def plot_relative_size(catalog: Catalog, out_dir: str) -> str:
         groups.setdefault((round_, stage), np.zeros(SIZE_BINS))[b] += n
     centres = (np.arange(SIZE_BINS) + 0.5) / SIZE_BINS
     for key, hist in sorted(groups.items()):
-        ax.plot(centres, 100 * hist / hist.sum(), marker="o", markersize=3,
-                label=f"{_label(*key)} ({int(hist.sum())} masks)")
+        ax.plot(
+            centres,
+            100 * hist / hist.sum(),
+            marker="o",
+            markersize=3,
+            label=f"{_label(*key)} ({int(hist.sum())} masks)",
+        )
     ax.set_xlabel("relative mask size  sqrt(mask area / image area)")
     ax.set_ylabel("percent of masks")
     ax.set_title("Relative mask size")
@@ -144,11 +149,12 @@ def plot_centres(catalog: Catalog, out_dir: str) -> str:
         _empty(fig, fig.add_subplot(), "no masks")
         return _save(fig, out_dir, "mask_centres.png")
     axes = fig.subplots(nrows, cols, squeeze=False)
-    for ax in axes.ravel()[len(shown):]:
+    for ax in axes.ravel()[len(shown) :]:
         ax.set_visible(False)
     for ax, (key, grid) in zip(axes.ravel(), shown, strict=False):
-        image = ax.imshow(100 * grid / grid.sum(), extent=(0, 1, 1, 0), cmap="magma",
-                          interpolation="nearest")
+        image = ax.imshow(
+            100 * grid / grid.sum(), extent=(0, 1, 1, 0), cmap="magma", interpolation="nearest"
+        )
         ax.set_title(f"{_label(*key)}: {int(grid.sum())} masks", fontsize=10)
         ax.set_xlabel("x / width")
         ax.set_ylabel("y / height")
@@ -175,8 +181,12 @@ def plot_scores(catalog: Catalog, out_dir: str) -> str:
         for round_, stage, b, n in rows:
             groups.setdefault((round_, stage), np.zeros(20))[b] += n
         for key, hist in sorted(groups.items()):
-            ax.stairs(100 * hist / hist.sum(), np.linspace(0, 1, 21), linewidth=1.5,
-                      label=f"{_label(*key)} ({int(hist.sum())})")
+            ax.stairs(
+                100 * hist / hist.sum(),
+                np.linspace(0, 1, 21),
+                linewidth=1.5,
+                label=f"{_label(*key)} ({int(hist.sum())})",
+            )
         ax.set_xlim(0, 1)
         ax.set_xlabel(title)
         ax.set_ylabel("percent of masks")
@@ -209,8 +219,13 @@ def plot_rounds(catalog: Catalog, out_dir: str) -> str:
         for row in per_round:
             first = row[1] not in stage_colours
             colour = stage_colours.setdefault(row[1], f"C{len(stage_colours)}")
-            ax.scatter([row[0]], [row[column]], color=colour, zorder=2,
-                       label=row[1] if k == 0 and first else None)
+            ax.scatter(
+                [row[0]],
+                [row[column]],
+                color=colour,
+                zorder=2,
+                label=row[1] if k == 0 and first else None,
+            )
     metrics: dict[str, dict[int, float]] = {}
     for round_, text in metric_rows:  # a round's last finished stage wins
         for name, value in json.loads(text).items():
@@ -222,8 +237,9 @@ def plot_rounds(catalog: Catalog, out_dir: str) -> str:
     all_rounds = sorted(set(rounds) | {r for r, _ in metric_rows})
     titles = ("Masks per round", "Masks per image", "Model metrics")
     ylabels = ("masks", "mean masks per image", "value")
-    for ax, title, ylabel, has in zip(axes, titles, ylabels,
-                                      (per_round, per_round, metrics), strict=True):
+    for ax, title, ylabel, has in zip(
+        axes, titles, ylabels, (per_round, per_round, metrics), strict=True
+    ):
         ax.set_title(title)
         if not has:
             _empty(fig, ax, "no model metrics yet" if title == "Model metrics" else "no masks")
@@ -246,6 +262,11 @@ def plot_stats(catalog: Catalog, out_dir: str) -> list[str]:
     fs.makedirs(root, exist_ok=True)
     return [
         plot(catalog, out_dir)
-        for plot in (plot_masks_per_image, plot_relative_size, plot_centres, plot_scores,
-                     plot_rounds)
+        for plot in (
+            plot_masks_per_image,
+            plot_relative_size,
+            plot_centres,
+            plot_scores,
+            plot_rounds,
+        )
     ]

@@ -85,8 +85,10 @@ def from_coco(segmentation: Any, height: int, width: int) -> dict[str, Any]:
         rle = mask_utils.merge(rles) if len(rles) > 1 else rles[0]
         return {"size": [height, width], "counts": rle["counts"].decode()}
 
-    if not isinstance(segmentation, dict) or "counts" not in segmentation or (
-        "size" not in segmentation
+    if (
+        not isinstance(segmentation, dict)
+        or "counts" not in segmentation
+        or ("size" not in segmentation)
     ):
         raise ValueError("segmentation is neither a polygon list nor an RLE with size and counts")
     size = segmentation["size"]

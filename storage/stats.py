@@ -20,9 +20,7 @@ TOP_ERRORS = 5
 
 def size_bucket_sql(column: str = "sqrt(area / (height * width))") -> str:
     """SQL CASE giving the SIZE_EDGES bucket (0-based) of a relative size expression."""
-    whens = " ".join(
-        f"WHEN {column} < {edge} THEN {i}" for i, edge in enumerate(SIZE_EDGES[1:-1])
-    )
+    whens = " ".join(f"WHEN {column} < {edge} THEN {i}" for i, edge in enumerate(SIZE_EDGES[1:-1]))
     return f"CASE {whens} ELSE {len(SIZE_EDGES) - 2} END"
 
 
@@ -67,8 +65,8 @@ def compute_stats(catalog: Catalog) -> dict[str, Any]:
         f"""
         SELECT GROUPING(round) AS overall, round, stage,
                histogram({size_bucket_sql()}) AS size,
-               histogram({score_bucket_sql('predicted_iou')}) AS iou,
-               histogram({score_bucket_sql('stability_score')}) AS stability,
+               histogram({score_bucket_sql("predicted_iou")}) AS iou,
+               histogram({score_bucket_sql("stability_score")}) AS stability,
                count(predicted_iou) AS with_iou, count(stability_score) AS with_stability,
                histogram(source) AS sources
         FROM masks GROUP BY GROUPING SETS ((round, stage), ())
@@ -89,22 +87,31 @@ def compute_stats(catalog: Catalog) -> dict[str, Any]:
         group = groups.get(None if overall else (round_, stage))
         if group is None:  # the () grouping set of an empty masks table
             continue
-        group["relative_size"] = {"edges": list(SIZE_EDGES),
-                                  "counts": _counts(size, len(SIZE_EDGES) - 1)}
-        group["predicted_iou"] = {"edges": score_edges, "counts": _counts(iou, SCORE_BINS),
-                                  "masks_without": group["masks"] - int(with_iou)}
-        group["stability_score"] = {"edges": score_edges, "counts": _counts(stab, SCORE_BINS),
-                                    "masks_without": group["masks"] - int(with_stab)}
+        group["relative_size"] = {
+            "edges": list(SIZE_EDGES),
+            "counts": _counts(size, len(SIZE_EDGES) - 1),
+        }
+        group["predicted_iou"] = {
+            "edges": score_edges,
+            "counts": _counts(iou, SCORE_BINS),
+            "masks_without": group["masks"] - int(with_iou),
+        }
+        group["stability_score"] = {
+            "edges": score_edges,
+            "counts": _counts(stab, SCORE_BINS),
+            "masks_without": group["masks"] - int(with_stab),
+        }
         group["sources"] = {k: int(v) for k, v in sorted((sources or {}).items())}
 
-    empty = {"images": 0, "masks": 0,
-             "masks_per_image": {"mean": None, "median": None, "p90": None},
-             "relative_size": {"edges": list(SIZE_EDGES), "counts": [0] * (len(SIZE_EDGES) - 1)},
-             "predicted_iou": {"edges": score_edges, "counts": [0] * SCORE_BINS,
-                               "masks_without": 0},
-             "stability_score": {"edges": score_edges, "counts": [0] * SCORE_BINS,
-                                 "masks_without": 0},
-             "sources": {}}
+    empty = {
+        "images": 0,
+        "masks": 0,
+        "masks_per_image": {"mean": None, "median": None, "p90": None},
+        "relative_size": {"edges": list(SIZE_EDGES), "counts": [0] * (len(SIZE_EDGES) - 1)},
+        "predicted_iou": {"edges": score_edges, "counts": [0] * SCORE_BINS, "masks_without": 0},
+        "stability_score": {"edges": score_edges, "counts": [0] * SCORE_BINS, "masks_without": 0},
+        "sources": {},
+    }
     total = groups.pop(None, empty)
 
     failures_by_group = con.execute(
@@ -136,8 +143,14 @@ def compute_stats(catalog: Catalog) -> dict[str, Any]:
             "top_errors": [{"error": e, "count": n} for e, n in top_errors],
         },
         "rounds": [
-            {"round": r, "stage": s, "model_version": v, "images": i, "masks": m,
-             "metrics": json.loads(metrics) if metrics else {}}
+            {
+                "round": r,
+                "stage": s,
+                "model_version": v,
+                "images": i,
+                "masks": m,
+                "metrics": json.loads(metrics) if metrics else {},
+            }
             for r, s, v, i, m, metrics in rounds
         ],
         "models": int(con.execute("SELECT count(*) FROM models").fetchone()[0]),
@@ -155,31 +168,41 @@ def _bar(counts: list[int], width: int = 30) -> list[str]:
 
 def format_stats(stats: dict[str, Any]) -> str:
     """The statistics as text for a terminal."""
-    lines = [f"store    {stats['store']}",
-             f"images   {stats['images']}  ({stats['images_with_masks']} with masks)",
-             f"masks    {stats['masks']}",
-             "masks per image  mean {}  median {}  p90 {}".format(
-                 *(_num(stats["masks_per_image"][k]) for k in ("mean", "median", "p90"))),
-             "", "round  stage   images    masks  per image: mean  median    p90  sources"]
+    lines = [
+        f"store    {stats['store']}",
+        f"images   {stats['images']}  ({stats['images_with_masks']} with masks)",
+        f"masks    {stats['masks']}",
+        "masks per image  mean {}  median {}  p90 {}".format(
+            *(_num(stats["masks_per_image"][k]) for k in ("mean", "median", "p90"))
+        ),
+        "",
+        "round  stage   images    masks  per image: mean  median    p90  sources",
+    ]
     for g in stats["groups"]:
         mpi = g["masks_per_image"]
         sources = ", ".join(f"{k} {v}" for k, v in g["sources"].items())
-        lines.append(f"{g['round']:>5}  {g['stage']:<6} {g['images']:>7} {g['masks']:>8}"
-                     f"  {_num(mpi['mean']):>15} {_num(mpi['median']):>7} {_num(mpi['p90']):>6}"
-                     f"  {sources}")
+        lines.append(
+            f"{g['round']:>5}  {g['stage']:<6} {g['images']:>7} {g['masks']:>8}"
+            f"  {_num(mpi['mean']):>15} {_num(mpi['median']):>7} {_num(mpi['p90']):>6}"
+            f"  {sources}"
+        )
     rel = stats["relative_size"]
     lines += ["", "relative mask size sqrt(area / image area), all masks"]
-    for lo, hi, count, bar in zip(rel["edges"][:-1], rel["edges"][1:], rel["counts"],
-                                  _bar(rel["counts"]), strict=True):
+    for lo, hi, count, bar in zip(
+        rel["edges"][:-1], rel["edges"][1:], rel["counts"], _bar(rel["counts"]), strict=True
+    ):
         lines.append(f"  {lo:4.2f}-{hi:4.2f} {count:>9}  {bar}")
     for name in ("predicted_iou", "stability_score"):
         hist = stats[name]
         scored = sum(hist["counts"])
-        lines += ["", f"{name.replace('_', ' ')}: {scored} masks scored, "
-                      f"{hist['masks_without']} without"]
+        lines += [
+            "",
+            f"{name.replace('_', ' ')}: {scored} masks scored, {hist['masks_without']} without",
+        ]
         if scored:
-            for lo, count, bar in zip(hist["edges"], hist["counts"], _bar(hist["counts"]),
-                                      strict=False):
+            for lo, count, bar in zip(
+                hist["edges"], hist["counts"], _bar(hist["counts"]), strict=False
+            ):
                 lines.append(f"  {lo:3.1f}-{lo + 0.1:3.1f} {count:>9}  {bar}")
     failures = stats["failures"]
     lines += ["", f"failures {failures['total']}"]
@@ -188,10 +211,13 @@ def format_stats(stats: dict[str, Any]) -> str:
     if stats["rounds"]:
         lines += ["", "rounds (finished stages)"]
         for r in stats["rounds"]:
-            metrics = ", ".join(f"{k} {v:.4g}" for k, v in r["metrics"].items()
-                                if isinstance(v, (int, float)))
+            metrics = ", ".join(
+                f"{k} {v:.4g}" for k, v in r["metrics"].items() if isinstance(v, (int, float))
+            )
             model = "-" if r["model_version"] is None else f"v{r['model_version']}"
-            lines.append(f"  round {r['round']} {r['stage']:<6} model {model}  "
-                         f"{r['images']} images  {r['masks']} masks  {metrics}")
+            lines.append(
+                f"  round {r['round']} {r['stage']:<6} model {model}  "
+                f"{r['images']} images  {r['masks']} masks  {metrics}"
+            )
     lines.append(f"models   {stats['models']}")
     return "\n".join(lines)

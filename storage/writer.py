@@ -17,8 +17,16 @@ from storage.schema import FAILURES, MASKS, ROUNDS
 from storage.store import Store, check_key
 
 # Optional per-mask fields copied from a record as they are (absent -> null).
-_OPTIONAL = ("predicted_iou", "stability_score", "point_coords", "crop_box", "clicks", "seconds",
-             "category_id", "category")
+_OPTIONAL = (
+    "predicted_iou",
+    "stability_score",
+    "point_coords",
+    "crop_box",
+    "clicks",
+    "seconds",
+    "category_id",
+    "category",
+)
 
 
 def utc_now() -> dt.datetime:
@@ -73,8 +81,10 @@ def masks_table(
     cols["iscrowd"] = [bool(r.get("iscrowd", False)) for r in records]
     stamp = created_at or utc_now()
     cols["created_at"] = pa.array([stamp] * n, MASKS.field("created_at").type)
-    arrays = [pa.array(cols[f.name], f.type) if not isinstance(cols[f.name], pa.Array)
-              else cols[f.name] for f in MASKS]
+    arrays = [
+        pa.array(cols[f.name], f.type) if not isinstance(cols[f.name], pa.Array) else cols[f.name]
+        for f in MASKS
+    ]
     return pa.Table.from_arrays(arrays, schema=MASKS)
 
 
@@ -101,7 +111,11 @@ class StageWriter:
     """
 
     def __init__(
-        self, store: Store | str, round_: int, stage: str, owner: str | None = None,
+        self,
+        store: Store | str,
+        round_: int,
+        stage: str,
+        owner: str | None = None,
         ttl_s: float = DEFAULT_TTL_S,
     ) -> None:
         self.store = store if isinstance(store, Store) else Store(store)
@@ -133,8 +147,10 @@ class StageWriter:
         ``records``: mask records (see :func:`masks_table`; ``defaults`` are its ``source``,
         ``model_version`` and ``created_at``) or an Arrow table already in the ``MASKS`` schema.
         """
-        table = records if isinstance(records, pa.Table) else masks_table(
-            records, self.round, self.stage, **defaults
+        table = (
+            records
+            if isinstance(records, pa.Table)
+            else masks_table(records, self.round, self.stage, **defaults)
         )
         self.lease.check()
         return self.store.write_shard("masks", table, key, self.round, self.stage)

@@ -255,7 +255,9 @@ def test_storage_imports_neither_prefect_nor_ray():
     import subprocess
     import sys
 
-    code = ("import sys, storage, storage.plots; "
-            "print(sorted({m.split('.')[0] for m in sys.modules} & {'prefect', 'ray'}))")
+    code = (
+        "import sys, storage, storage.plots; "
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'prefect', 'ray'}))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
