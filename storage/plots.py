@@ -45,7 +45,7 @@ def _legend(ax, series: int) -> None:
         ax.legend(frameon=False, fontsize=9)
 
 
-def _empty(fig: Figure, ax, text: str) -> None:
+def _empty(ax, text: str) -> None:
     ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes, color="0.4")
     ax.set_xticks([])
     ax.set_yticks([])
@@ -59,7 +59,7 @@ def plot_masks_per_image(catalog: Catalog, out_dir: str) -> str:
     fig = Figure(figsize=(7, 4.2), layout="constrained")
     ax = fig.add_subplot()
     if not rows:
-        _empty(fig, ax, "no masks")
+        _empty(ax, "no masks")
         return _save(fig, out_dir, "masks_per_image.png")
     groups: dict[tuple, list[int]] = {}
     for round_, stage, n in rows:
@@ -99,7 +99,7 @@ def plot_relative_size(catalog: Catalog, out_dir: str) -> str:
     fig = Figure(figsize=(7, 4.2), layout="constrained")
     ax = fig.add_subplot()
     if not rows:
-        _empty(fig, ax, "no masks")
+        _empty(ax, "no masks")
         return _save(fig, out_dir, "relative_mask_size.png")
     groups: dict[tuple, np.ndarray] = {}
     for round_, stage, b, n in rows:
@@ -146,7 +146,7 @@ def plot_centres(catalog: Catalog, out_dir: str) -> str:
     nrows = max(1, math.ceil(len(shown) / cols))
     fig = Figure(figsize=(4.2 * cols, 3.7 * nrows + 0.3), layout="constrained")
     if not shown:
-        _empty(fig, fig.add_subplot(), "no masks")
+        _empty(fig.add_subplot(), "no masks")
         return _save(fig, out_dir, "mask_centres.png")
     axes = fig.subplots(nrows, cols, squeeze=False)
     for ax in axes.ravel()[len(shown) :]:
@@ -174,7 +174,7 @@ def plot_scores(catalog: Catalog, out_dir: str) -> str:
         ).fetchall()
         title = column.replace("_", " ")
         if not rows:
-            _empty(fig, ax, f"no {title} stored\n(ground truth has none)")
+            _empty(ax, f"no {title} stored\n(ground truth has none)")
             ax.set_title(title)
             continue
         groups: dict[tuple, np.ndarray] = {}
@@ -242,7 +242,7 @@ def plot_rounds(catalog: Catalog, out_dir: str) -> str:
     ):
         ax.set_title(title)
         if not has:
-            _empty(fig, ax, "no model metrics yet" if title == "Model metrics" else "no masks")
+            _empty(ax, "no model metrics yet" if title == "Model metrics" else "no masks")
             continue
         ax.set_xlabel("round")
         ax.set_ylabel(ylabel)
@@ -250,7 +250,8 @@ def plot_rounds(catalog: Catalog, out_dir: str) -> str:
         ax.set_xlim(min(all_rounds) - 0.5, max(all_rounds) + 0.5)
         ax.set_ylim(bottom=0)
         ax.grid(alpha=0.3)
-    axes[0].legend(frameon=False, fontsize=8, title="stage", title_fontsize=8)
+    if per_round:
+        axes[0].legend(frameon=False, fontsize=8, title="stage", title_fontsize=8)
     if metrics:
         axes[2].legend(frameon=False, fontsize=8)
     return _save(fig, out_dir, "rounds.png")

@@ -38,10 +38,6 @@ def _counts(histogram: dict[int, int] | None, bins: int) -> list[int]:
     return [int(histogram.get(i, 0)) for i in range(bins)]
 
 
-def _group_key(row: dict[str, Any]) -> tuple:
-    return (row["round"], row["stage"])
-
-
 def compute_stats(catalog: Catalog) -> dict[str, Any]:
     """All statistics of the store behind ``catalog``, as a JSON-ready dict.
 

@@ -141,7 +141,9 @@ class Store:
             self.fs.pipe_file(final, buffer.getvalue())
         return final
 
-    def remove_temp_files(self, table: str, round_: int | None = None, stage: str | None = None):
+    def remove_temp_files(
+        self, table: str, round_: int | None = None, stage: str | None = None
+    ) -> None:
         """Delete temp files a killed writer left in a table folder (they are never read)."""
         folder = self.table_dir(table, round_, stage)
         for path in self.fs.glob(f"{folder}/.part-*{_TMP_SUFFIX}"):

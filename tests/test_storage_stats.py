@@ -108,6 +108,7 @@ def test_stats_match_known_numbers(store):
         (1, 3, 10, {"miou": 0.7, "ap": 0.5}),
         (2, 1, 2, {"miou": 0.8}),
     ]
+    assert store.read_table("rounds").column("masks").to_pylist() == [10, 2]
     text = format_stats(stats)
     assert "masks per image  mean 4.0  median 5.0  p90 5.8" in text
     assert "failures 3" in text
@@ -128,13 +129,15 @@ def test_stored_columns_round_trip(store):
         assert types["round"] == "INTEGER" and types["bbox"] == "FLOAT[4]"
 
 
-def test_empty_store_has_every_view(store):
+def test_empty_store_has_every_view(store, tmp_path):
     with Catalog(store) as catalog:
         for table in ("images", "masks", "rounds", "failures", "models"):
             assert catalog.query(f"SELECT count(*) FROM {table}")[1] == [(0,)]
         stats = compute_stats(catalog)
     assert stats["masks"] == 0 and stats["groups"] == []
     assert "masks    0" in format_stats(stats)
+    with Catalog(store) as catalog:
+        assert len(plot_stats(catalog, str(tmp_path / "plots"))) == 5
 
 
 def test_models_view(store):
