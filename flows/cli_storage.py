@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 
@@ -79,6 +80,9 @@ def _storage_errors(handler):
         except StorageError as error:
             print(f"maskmill {args.command}: {error}", file=sys.stderr)
             return 1
+        except BrokenPipeError:  # output piped into `head` and friends: not an error
+            sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (Python flushes it at exit)
+            return 0
 
     return run
 
