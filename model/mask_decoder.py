@@ -109,20 +109,47 @@ class MaskDecoder(nn.Module):
         self, image: DecoderImage, sparse_prompt_embeddings: torch.Tensor, multimask_output: bool
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Masks and IoUs for (B, N, C) prompt tokens on a prepared image; see ``forward``."""
+        hs, image_tokens = self.run_transformer(image, sparse_prompt_embeddings)
+        selected = self.output_indices(multimask_output)
+        masks = self.predict_masks(hs, image_tokens, image.size, selected)
+        return masks, self.predict_iou(hs, selected)
+
+    def output_indices(self, multimask_output: bool) -> list[int]:
+        """Mask outputs returned: 1..3 (ambiguity-aware) or 0 (single)."""
+        return list(range(1, self.num_mask_tokens)) if multimask_output else [0]
+
+    def run_transformer(
+        self, image: DecoderImage, sparse_prompt_embeddings: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The two-way transformer on the output tokens + (B, N, C) prompt tokens.
+
+        Returns:
+            tokens (B, 1 + num_mask_tokens + N, C) — IoU token first, then the mask tokens —
+            and image tokens (B, h*w, C).
+        """
         batch = sparse_prompt_embeddings.shape[0]
         output_tokens = torch.cat([self.iou_token.weight, self.mask_tokens.weight], dim=0)
         tokens = torch.cat(
             [output_tokens.unsqueeze(0).expand(batch, -1, -1), sparse_prompt_embeddings], dim=1
         )
-        hs, image_tokens = self.transformer(image.tokens, image.pe, tokens, image.projections)
-        iou_token_out = hs[:, 0, :]
-        selected = list(range(1, self.num_mask_tokens) if multimask_output else range(0, 1))
+        return self.transformer(image.tokens, image.pe, tokens, image.projections)
+
+    def predict_iou(self, hs: torch.Tensor, selected: list[int]) -> torch.Tensor:
+        """(B, len(selected)) predicted IoUs from the transformer's tokens."""
+        return self.iou_prediction_head(hs[:, 0, :])[:, selected]
+
+    def predict_masks(
+        self,
+        hs: torch.Tensor,
+        image_tokens: torch.Tensor,
+        size: tuple[int, int],
+        selected: list[int],
+    ) -> torch.Tensor:
+        """(B, len(selected), 4h, 4w) mask logits from the transformer's outputs."""
         hyper_in = torch.stack(
             [self.output_hypernetworks_mlps[i](hs[:, 1 + i, :]) for i in selected], dim=1
         )
-        masks = self.upscale_and_predict(image_tokens, image.size, hyper_in)
-        iou_pred = self.iou_prediction_head(iou_token_out)[:, selected]
-        return masks, iou_pred
+        return self.upscale_and_predict(image_tokens, size, hyper_in)
 
     def upscale_and_predict(
         self, image_tokens: torch.Tensor, size: tuple[int, int], hyper_in: torch.Tensor

@@ -300,17 +300,26 @@ class MaskGenerator:
         coords = torch.as_tensor(points, dtype=torch.float32, device=device)
         model_coords = scale_coords(coords, embedding.original_size, model.image_size)
         labels = torch.ones(len(points), 1, dtype=torch.int64, device=device)
-        low_res, iou_preds = self.predictor.decode(
-            embedding, (model_coords[:, None, :], labels), None, None, multimask_output=True
-        )
-        # Flatten (point, mask) in segment-anything's order.
-        low_res = low_res.flatten(0, 1)
-        iou_preds = iou_preds.flatten(0, 1)
-        point_index = torch.arange(len(points), device=device).repeat_interleave(3)
-        # Predicted IoU does not depend on resolution: filter before upsampling anything.
+        sparse, _ = model.prompt_encoder((model_coords[:, None, :], labels), None, None)
+        decoder = model.mask_decoder
+        image = self.predictor.decoder_image(embedding)
+        hs, image_tokens = decoder.run_transformer(image, sparse)
+        selected = decoder.output_indices(multimask_output=True)
+        iou_preds = decoder.predict_iou(hs, selected)  # (P, 3)
+        # Predicted IoU does not depend on resolution: filter before computing any mask, and
+        # upscale only the prompts with a surviving mask. Order stays segment-anything's
+        # (point-major, then mask).
+        keep = torch.ones_like(iou_preds, dtype=torch.bool)
         if self.pred_iou_thresh > 0.0:
             keep = iou_preds > self.pred_iou_thresh
-            low_res, iou_preds, point_index = low_res[keep], iou_preds[keep], point_index[keep]
+        prompts = keep.any(dim=1)
+        if not prompts.all():
+            hs, image_tokens, keep = hs[prompts], image_tokens[prompts], keep[prompts]
+            iou_preds = iou_preds[prompts]
+        low_res = decoder.predict_masks(hs, image_tokens, image.size, selected)
+        point_index = torch.arange(len(points), device=device)[prompts]
+        point_index = point_index[:, None].expand(-1, len(selected))[keep]
+        low_res, iou_preds = low_res[keep], iou_preds[keep]
 
         x0, y0 = crop_box[0], crop_box[1]
         image_h, image_w = image_size

@@ -288,15 +288,19 @@ class Predictor:
                 embedding.features + dense, model.prompt_encoder.get_dense_pe()
             )
         else:
-            # Without a mask prompt the decoder's image side is the same for every prompt:
-            # prepare it once per image.
-            if embedding._decoder_image is None:
-                embedding._decoder_image = model.mask_decoder.prepare_image(
-                    embedding.features + model.prompt_encoder.no_mask_dense_embedding(1),
-                    model.prompt_encoder.get_dense_pe(),
-                )
-            image = embedding._decoder_image
+            image = self.decoder_image(embedding)
         return model.mask_decoder.decode(image, sparse, multimask_output)
+
+    def decoder_image(self, embedding: ImageEmbedding) -> DecoderImage:
+        """The decoder's image side for prompts without a mask: the same for every such
+        prompt, so prepared once per image and kept on the embedding."""
+        if embedding._decoder_image is None:
+            prompt_encoder = self.model.prompt_encoder
+            embedding._decoder_image = self.model.mask_decoder.prepare_image(
+                embedding.features + prompt_encoder.no_mask_dense_embedding(1),
+                prompt_encoder.get_dense_pe(),
+            )
+        return embedding._decoder_image
 
 
 # ---------------------------------------------------------------------------------- validation

@@ -65,22 +65,26 @@ class TwoWayAttentionBlock(nn.Module):
             queries = queries + self.self_attn(q=q, k=q, v=queries)
         queries = self.norm1(queries)
 
+        t2i, i2t = self.cross_attn_token_to_image, self.cross_attn_image_to_token
         if image_projections is None:
-            image_projections = self.project_image(keys, key_pe)
-        # The image side may have batch 1, shared by every prompt: broadcast it as a view.
-        batch = queries.shape[0]
-        k_heads, v_heads, image_q_heads = (t.expand(batch, -1, -1, -1) for t in image_projections)
-
-        attn = self.cross_attn_token_to_image
-        q_heads = attn.split_heads(attn.q_proj(queries + query_pe))
-        queries = self.norm2(queries + attn.attend(q_heads, k_heads, v_heads))
-
-        queries = self.norm3(queries + self.mlp(queries))
-
-        attn = self.cross_attn_image_to_token
-        token_k = attn.split_heads(attn.k_proj(queries + query_pe))
-        token_v = attn.split_heads(attn.v_proj(queries))
-        keys = self.norm4(keys + attn.attend(image_q_heads, token_k, token_v))
+            keys_pe = keys + key_pe
+            queries = self.norm2(
+                queries + t2i.attend_few_queries(queries + query_pe, keys_pe, keys)
+            )
+            queries = self.norm3(queries + self.mlp(queries))
+            attn_out = i2t.attend_few_keys(keys_pe, queries + query_pe, queries)
+        else:
+            # The image side is shared by every prompt (batch 1): broadcast it as a view.
+            batch = queries.shape[0]
+            k_heads, v_heads, image_q_heads = image_projections
+            q_heads = t2i.split_heads(t2i.q_proj(queries + query_pe))
+            attn_out = t2i.attend(
+                q_heads, k_heads.expand(batch, -1, -1, -1), v_heads.expand(batch, -1, -1, -1)
+            )
+            queries = self.norm2(queries + attn_out)
+            queries = self.norm3(queries + self.mlp(queries))
+            attn_out = i2t.attend_few_keys(None, queries + query_pe, queries, q_heads=image_q_heads)
+        keys = self.norm4(keys + attn_out)
         return queries, keys
 
     def project_image(

@@ -73,8 +73,8 @@ class TwoWayTransformer(nn.Module):
                 key_pe=image_pe,
                 image_projections=first_layer_image_projections if i == 0 else None,
             )
-        attn_out = self.final_attn_token_to_image(
-            q=queries + point_embedding, k=keys + image_pe, v=keys
+        attn_out = self.final_attn_token_to_image.attend_few_queries(
+            queries + point_embedding, keys + image_pe, keys
         )
         queries = self.norm_final_attn(queries + attn_out)
         return queries, keys
