@@ -1,0 +1,147 @@
+"""``maskmill pretrain`` and ``maskmill eval``: the command-line side of engine/train.py and
+engine/evaluate.py."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    _register_pretrain(subparsers)
+    _register_eval(subparsers)
+
+
+# --------------------------------------------------------------------------------- pretrain
+
+
+def _register_pretrain(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "pretrain",
+        help="train a model by prompt simulation on generated scenes",
+        description=(
+            "Train a SAM-architecture model (tiny, from scratch, by default) by SAM's prompt "
+            "simulation on generated photo-like scenes. Saves a resumable training state and a "
+            "float16 checkpoint periodically and at the end."
+        ),
+    )
+    parser.add_argument("--config", default="tiny", help="model config (default: tiny)")
+    parser.add_argument("--checkpoint", help="start from these weights instead of random ones")
+    parser.add_argument("--resume", help="training-state file to continue from")
+    parser.add_argument(
+        "--steps",
+        type=int,
+        help="schedule length in images (default 2000; with --resume: the saved one unless given)",
+    )
+    parser.add_argument("--minutes", type=float, help="wall-clock budget of this run")
+    parser.add_argument("--lr", type=float, default=5e-4, help="peak learning rate")
+    parser.add_argument("--warmup", type=int, default=50, help="warm-up steps")
+    parser.add_argument("--masks-per-image", type=int, default=6)
+    parser.add_argument("--point-iterations", type=int, default=8, help="SAM: 8")
+    parser.add_argument("--no-point-iterations", type=int, default=2, help="SAM: 2")
+    parser.add_argument("--freeze-image-encoder", action="store_true")
+    parser.add_argument("--seed", type=int, default=0, help="initialisation and prompt seed")
+    parser.add_argument("--data-seed", type=int, default=0, help="seed of the first scene")
+    parser.add_argument("--state", default="out/pretrain/state.pt", help="training-state file")
+    parser.add_argument("--out", default="out/pretrain/model.pt", help="checkpoint to write")
+    parser.add_argument("--save-every", type=float, default=5.0, help="minutes between saves")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.set_defaults(handler=run_pretrain)
+
+
+def run_pretrain(args: argparse.Namespace) -> int:
+    import torch
+
+    from engine.train import TrainConfig, pretrain, save_pretrained
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    command = shlex.join(["maskmill", *sys.argv[1:]])
+    try:
+        config = TrainConfig(
+            config=args.config,
+            init_checkpoint=args.checkpoint,
+            steps=args.steps or 2000,
+            lr=args.lr,
+            warmup=args.warmup,
+            masks_per_image=args.masks_per_image,
+            freeze_image_encoder=args.freeze_image_encoder,
+            seed=args.seed,
+            data_seed=args.data_seed,
+            point_iterations=args.point_iterations,
+            no_point_iterations=args.no_point_iterations,
+        )
+        model, state = pretrain(
+            config,
+            resume=args.resume,
+            steps=args.steps,
+            state_path=args.state,
+            minutes=args.minutes,
+            save_every_minutes=args.save_every,
+            on_save=lambda m, s: save_pretrained(m, args.out, s, command),
+            progress=not args.no_progress,
+        )
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    last = state.history[-1] if state.history else {}
+    print(
+        f"trained {state.step}/{state.config.steps} steps in {state.seconds / 60:.1f} min; "
+        f"last loss {last.get('loss', float('nan')):.4f}, first-pass IoU "
+        f"{last.get('first_iou', float('nan')):.3f}, last-pass IoU "
+        f"{last.get('last_iou', float('nan')):.3f}"
+    )
+    print(f"wrote {args.out} and training state {args.state}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------- eval
+
+
+def _register_eval(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "eval",
+        help="interactive and automatic segmentation metrics on a COCO dataset",
+        description=(
+            "1-click mIoU (best of 3 and IoU-head top-1), NoC@85/90, box mIoU and the automatic "
+            "generator's AR@100/AR@1000 (pycocotools, class-agnostic) on a COCO dataset."
+        ),
+    )
+    parser.add_argument("--annotations", required=True, help="COCO instances JSON")
+    parser.add_argument("--images", required=True, help="folder of the images it names")
+    parser.add_argument("--checkpoint", help="model to evaluate (default: the shipped default)")
+    parser.add_argument("--max-images", type=int, help="evaluate the first N images only")
+    parser.add_argument(
+        "--points-per-side", type=int, default=32, help="automatic generator grid (default: 32)"
+    )
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.set_defaults(handler=run_eval)
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from engine.evaluate import evaluate_coco, format_table
+
+    from model import load_checkpoint, load_default
+
+    try:
+        model = load_checkpoint(args.checkpoint) if args.checkpoint else load_default()
+        metrics = evaluate_coco(
+            model,
+            args.annotations,
+            args.images,
+            max_images=args.max_images,
+            points_per_side=args.points_per_side,
+            progress=not args.no_progress and not args.json,
+        )
+    except (ValueError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(metrics))
+    else:
+        print(format_table(metrics))
+    return 0
