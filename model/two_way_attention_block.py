@@ -66,13 +66,10 @@ class TwoWayAttentionBlock(nn.Module):
         queries = self.norm1(queries)
 
         t2i, i2t = self.cross_attn_token_to_image, self.cross_attn_image_to_token
+        keys_pe = image_q_heads = None
         if image_projections is None:
             keys_pe = keys + key_pe
-            queries = self.norm2(
-                queries + t2i.attend_few_queries(queries + query_pe, keys_pe, keys)
-            )
-            queries = self.norm3(queries + self.mlp(queries))
-            attn_out = i2t.attend_few_keys(keys_pe, queries + query_pe, queries)
+            attn_out = t2i.attend_few_queries(queries + query_pe, keys_pe, keys)
         else:
             # The image side is shared by every prompt (batch 1): broadcast it as a view.
             batch = queries.shape[0]
@@ -81,9 +78,9 @@ class TwoWayAttentionBlock(nn.Module):
             attn_out = t2i.attend(
                 q_heads, k_heads.expand(batch, -1, -1, -1), v_heads.expand(batch, -1, -1, -1)
             )
-            queries = self.norm2(queries + attn_out)
-            queries = self.norm3(queries + self.mlp(queries))
-            attn_out = i2t.attend_few_keys(None, queries + query_pe, queries, q_heads=image_q_heads)
+        queries = self.norm2(queries + attn_out)
+        queries = self.norm3(queries + self.mlp(queries))
+        attn_out = i2t.attend_few_keys(keys_pe, queries + query_pe, queries, q_heads=image_q_heads)
         keys = self.norm4(keys + attn_out)
         return queries, keys
 
