@@ -1,0 +1,157 @@
+"""A pool of Ray actors that run the automatic mask generator.
+
+Each actor loads the model once, when it starts, and then generates masks for one image after
+another; it reads the image itself from its URI, so only a URI goes out and SA-1B records (RLE
+strings, a few kB per image) come back. With GPUs in the cluster every actor takes one.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import ray
+from ray.util import ActorPool
+
+
+@dataclass(frozen=True)
+class ImageJob:
+    """One image to process: its id, URI and the (H, W) the images table recorded."""
+
+    image_id: str
+    uri: str
+    height: int
+    width: int
+
+
+@dataclass
+class ImageResult:
+    """What an actor made of one image: records, or the reason it failed.
+
+    Attributes:
+        records: SA-1B records of ``MaskGenerator.generate`` (None when failed).
+        error: the failure message (None when it worked).
+        seconds: the actor's time on the image (load + generate).
+    """
+
+    job: ImageJob
+    records: list[dict[str, Any]] | None
+    error: str | None
+    seconds: float
+
+
+def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
+    """Connect to Ray once: a new local cluster by default, ``address`` for an existing one.
+
+    An already initialised Ray (a test session's, a notebook's) is used as it is.
+    """
+    if ray.is_initialized():
+        return
+    if address:
+        ray.init(address=address, log_to_driver=False)
+    else:
+        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+
+
+def gpus_available() -> bool:
+    """Whether the Ray cluster has GPUs (then every actor takes one)."""
+    return ray.cluster_resources().get("GPU", 0) >= 1
+
+
+@ray.remote
+class GeneratorActor:
+    """Loads the model once and generates masks for the images it is sent."""
+
+    def __init__(self, checkpoint: str, generator_kwargs: dict[str, Any], threads: int) -> None:
+        import torch
+
+        from engine.generate import Generator
+        from model import load_checkpoint
+
+        # One actor per core: more threads each would only fight over the same cores.
+        torch.set_num_threads(max(1, threads))
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.generator = Generator(load_checkpoint(checkpoint, device=device), **generator_kwargs)
+        self.pid = os.getpid()
+
+    def generate(self, job: ImageJob) -> ImageResult:
+        from engine.images import BadImageError, load_image
+
+        start = time.perf_counter()
+        try:
+            image = load_image(job.uri, exif_transpose=False)
+            if image.shape[:2] != (job.height, job.width):
+                raise BadImageError(
+                    job.uri,
+                    "size_changed",
+                    f"decodes to {image.shape[1]}x{image.shape[0]} "
+                    f"but the images table says {job.width}x{job.height}",
+                )
+            records = self.generator.generate(image)
+        except BadImageError as error:
+            return ImageResult(job, None, str(error), time.perf_counter() - start)
+        except Exception as error:  # noqa: BLE001 - one image's model error must not end the round
+            message = f"{job.uri}: model_error: {type(error).__name__}: {error}"
+            return ImageResult(job, None, message, time.perf_counter() - start)
+        return ImageResult(job, records, None, time.perf_counter() - start)
+
+    def ready(self) -> int:
+        """The actor's process id, once its model is loaded."""
+        return self.pid
+
+
+class GeneratorPool:
+    """``workers`` generator actors sharing a stream of images.
+
+    ::
+
+        with GeneratorPool(checkpoint_uri, workers=2, generator_kwargs={...}) as pool:
+            for result in pool.map(jobs):   # in completion order
+                ...
+
+    Args:
+        checkpoint: model file every actor loads (a path or URL all of them can read).
+        workers: number of actors.
+        generator_kwargs: ``MaskGenerator`` parameters.
+        cpus_per_worker: Ray CPUs (and torch threads) per actor.
+    """
+
+    def __init__(
+        self,
+        checkpoint: str,
+        workers: int = 1,
+        generator_kwargs: dict[str, Any] | None = None,
+        cpus_per_worker: int = 1,
+    ) -> None:
+        if workers < 1:
+            raise ValueError(f"workers must be at least 1, got {workers}")
+        gpus = 1 if gpus_available() else 0
+        options = {"num_cpus": cpus_per_worker, "num_gpus": gpus}
+        self.actors = [
+            GeneratorActor.options(**options).remote(
+                checkpoint, dict(generator_kwargs or {}), cpus_per_worker
+            )
+            for _ in range(workers)
+        ]
+        # Wait for every model to load, so a broken checkpoint fails here, named, not mid-run.
+        self.pids = ray.get([actor.ready.remote() for actor in self.actors])
+        self.pool = ActorPool(self.actors)
+
+    def map(self, jobs: Iterable[ImageJob]) -> Iterator[ImageResult]:
+        """Results of ``jobs`` in the order they finish."""
+        return self.pool.map_unordered(lambda actor, job: actor.generate.remote(job), list(jobs))
+
+    def close(self) -> None:
+        """Stop the actors (their models go with them)."""
+        for actor in self.actors:
+            ray.kill(actor)
+        self.actors = []
+
+    def __enter__(self) -> GeneratorPool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
