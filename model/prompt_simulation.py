@@ -87,7 +87,7 @@ def prepare_image(model: Sam, image: np.ndarray) -> tuple[torch.Tensor, tuple[in
     """An (H, W, 3) uint8 RGB image as the model's normalised, padded (1, 3, S, S) input, and the
     (H, W) of the resized image inside it (the same transforms as ``Predictor``)."""
     resized = resize_longest_side(to_rgb_uint8(image), model.image_size)
-    tensor = torch.from_numpy(np.ascontiguousarray(resized)).to(model.device)
+    tensor = torch.from_numpy(np.array(resized)).to(model.device)  # a writable copy
     tensor = tensor.permute(2, 0, 1)[None].to(model.pixel_mean.dtype)
     return model.preprocess(tensor), resized.shape[:2]
 

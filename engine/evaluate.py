@@ -1,0 +1,344 @@
+"""Evaluation of a promptable model on a COCO dataset: ``maskmill eval``.
+
+Interactive metrics, per ground-truth mask, from simulated clicks:
+
+* 1-click mIoU: one foreground click at the mask's interior point farthest from its boundary;
+  the best of the three multimask outputs (``one_click_miou_best``) and the one the IoU head
+  ranks first (``one_click_miou_top1``).
+* NoC@85 / NoC@90: clicks until IoU >= 0.85 / 0.90, at most 20 (a mask never reaching it counts
+  20). After the first click (top-ranked of three masks) each click goes to the interior point
+  farthest from the boundary of the largest error region — foreground on a missed region,
+  background on a spurious one — with all clicks so far and the previous low-res logits as
+  prompts (single-mask output).
+* box mIoU: the mask's bounding box as the prompt, single-mask output.
+
+Automatic metric: the ``MaskGenerator``'s proposals (``PROPOSAL_OPTIONS``) scored by pycocotools COCOeval, segm,
+class-agnostic (``useCats = 0``), AR@100 and AR@1000 averaged over IoU 0.50:0.95.
+
+Masks are (H, W) bool arrays of the original image; clicks are XY pixels; boxes XYXY.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import torch
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+
+from engine.images import load_image
+from model import Predictor, Sam
+from model.mask_generator import MaskGenerator
+
+MAX_CLICKS = 20
+# Proposal settings: every grid prompt's masks compete for the top 100 / 1000 by predicted IoU
+# (SAM's proposal evaluation also relaxed the annotation-quality filters); NMS stays.
+PROPOSAL_OPTIONS = {"pred_iou_thresh": 0.0, "stability_score_thresh": 0.9}
+NOC_THRESHOLDS = (0.85, 0.90)
+METRIC_KEYS = (
+    "one_click_miou_best",
+    "one_click_miou_top1",
+    "noc85",
+    "noc90",
+    "box_miou",
+    "ar100",
+    "ar1000",
+)
+
+
+def interior_point(mask: np.ndarray) -> tuple[float, float]:
+    """XY of the pixel of an (H, W) bool mask farthest from its boundary (the image border
+    counts as boundary), by an exact Euclidean distance transform.
+
+    Raises:
+        ValueError: for an empty mask.
+    """
+    if not mask.any():
+        raise ValueError("interior_point of an empty mask")
+    padded = np.pad(mask.astype(np.uint8), 1)
+    distance = cv2.distanceTransform(padded, cv2.DIST_L2, cv2.DIST_MASK_PRECISE)[1:-1, 1:-1]
+    y, x = np.unravel_index(int(np.argmax(distance)), distance.shape)
+    return float(x), float(y)
+
+
+def next_click(predicted: np.ndarray, target: np.ndarray) -> tuple[float, float, int]:
+    """The corrective click for an (H, W) bool prediction of an (H, W) bool target: the centre
+    (``interior_point``) of the largest connected error region; label 1 (foreground) when that
+    region is missed foreground, 0 when it is spurious. A perfect prediction gets a foreground
+    click at the target's centre."""
+    best_area, best = 0, None
+    for region, label in ((target & ~predicted, 1), (predicted & ~target, 0)):
+        count, labels, stats, _ = cv2.connectedComponentsWithStats(region.astype(np.uint8), 8)
+        if count > 1:
+            index = 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
+            if stats[index, cv2.CC_STAT_AREA] > best_area:
+                best_area, best = stats[index, cv2.CC_STAT_AREA], (labels == index, label)
+    if best is None:
+        return (*interior_point(target), 1)
+    return (*interior_point(best[0]), best[1])
+
+
+def mask_ious(predicted: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """IoU of (..., H, W) bool predictions with an (H, W) or (..., H, W) bool target: (...)."""
+    intersection = np.logical_and(predicted, target).sum(axis=(-2, -1))
+    union = np.logical_or(predicted, target).sum(axis=(-2, -1))
+    return np.where(union > 0, intersection / np.maximum(union, 1), 1.0)
+
+
+@dataclass
+class InteractiveResult:
+    """Per-mask interactive results of one image, each (M,)."""
+
+    one_click_best: np.ndarray
+    one_click_top1: np.ndarray
+    noc: dict[float, np.ndarray]
+    box: np.ndarray
+
+
+@torch.inference_mode()
+def evaluate_interactive(
+    predictor: Predictor,
+    masks: np.ndarray,
+    max_clicks: int = MAX_CLICKS,
+    thresholds: tuple[float, ...] = NOC_THRESHOLDS,
+    chunk: int = 16,
+) -> InteractiveResult:
+    """Click and box metrics for (M, H, W) bool ground-truth masks on the predictor's current
+    image; masks go through the decoder ``chunk`` at a time.
+
+    Raises:
+        ValueError: when a mask is empty or its size is not the image's.
+    """
+    if masks.ndim != 3 or masks.shape[1:] != predictor.original_size:
+        raise ValueError(
+            f"masks must have shape (M, {predictor.original_size[0]}, "
+            f"{predictor.original_size[1]}), got {masks.shape}"
+        )
+    if not masks.reshape(len(masks), -1).any(axis=1).all():
+        raise ValueError("ground-truth masks must not be empty")
+    parts = [
+        _interactive_chunk(predictor, masks[i : i + chunk], max_clicks, thresholds)
+        for i in range(0, len(masks), chunk)
+    ]
+    return InteractiveResult(
+        one_click_best=np.concatenate([p.one_click_best for p in parts]),
+        one_click_top1=np.concatenate([p.one_click_top1 for p in parts]),
+        noc={t: np.concatenate([p.noc[t] for p in parts]) for t in thresholds},
+        box=np.concatenate([p.box for p in parts]),
+    )
+
+
+def _interactive_chunk(
+    predictor: Predictor, masks: np.ndarray, max_clicks: int, thresholds: tuple[float, ...]
+) -> InteractiveResult:
+    count = len(masks)
+    first = np.array([interior_point(m) for m in masks], dtype=np.float32)
+    out, scores, low_res = predictor.predict_batch(
+        first[:, None], np.ones((count, 1)), multimask_output=True
+    )
+    out, scores = out.cpu().numpy(), scores.float().cpu().numpy()
+    ious = mask_ious(out, masks[:, None])  # (M, 3)
+    top = scores.argmax(axis=1)
+    rows = np.arange(count)
+    one_click_best, one_click_top1 = ious.max(axis=1), ious[rows, top]
+
+    noc = {t: np.full(count, max_clicks, dtype=np.float64) for t in thresholds}
+    current, current_iou = out[rows, top], one_click_top1.copy()
+    logits = low_res[torch.as_tensor(rows), torch.as_tensor(top)][:, None]
+    coords, labels = first[:, None], np.ones((count, 1), dtype=np.int64)
+    for clicks in range(1, max_clicks + 1):
+        for t in thresholds:
+            reached = (current_iou >= t) & (noc[t] == max_clicks)
+            noc[t][reached] = clicks
+        active = np.flatnonzero(current_iou < max(thresholds))
+        if clicks == max_clicks or active.size == 0:
+            break
+        new = np.array([next_click(current[i], masks[i]) for i in active], dtype=np.float32)
+        coords_a = np.concatenate([coords[active], new[:, None, :2]], axis=1)
+        labels_a = np.concatenate([labels[active], new[:, None, 2].astype(np.int64)], axis=1)
+        out_a, _, low_a = predictor.predict_batch(
+            coords_a, labels_a, mask_input=logits[torch.as_tensor(active)], multimask_output=False
+        )
+        # Rows that are done keep their prompts; only active rows get the new click.
+        coords = np.concatenate([coords, coords[:, -1:]], axis=1)
+        labels = np.concatenate([labels, labels[:, -1:]], axis=1)
+        coords[active], labels[active] = coords_a, labels_a
+        current[active] = out_a[:, 0].cpu().numpy()
+        current_iou[active] = mask_ious(current[active], masks[active])
+        logits[torch.as_tensor(active)] = low_a
+    boxes = np.array([_mask_box(m) for m in masks], dtype=np.float32)
+    out_box, _, _ = predictor.predict_batch(boxes=boxes, multimask_output=False)
+    box_iou = mask_ious(out_box[:, 0].cpu().numpy(), masks)
+    return InteractiveResult(one_click_best, one_click_top1, noc, box_iou)
+
+
+def _mask_box(mask: np.ndarray) -> tuple[float, float, float, float]:
+    """XYXY pixel box enclosing an (H, W) bool mask (right/bottom edges exclusive)."""
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    return float(cols[0]), float(rows[0]), float(cols[-1] + 1), float(rows[-1] + 1)
+
+
+def average_recall(
+    gt: COCO, detections: list[dict[str, Any]], image_ids: list[int]
+) -> dict[str, float]:
+    """Class-agnostic segm AR@100 and AR@1000 (IoU 0.50:0.95, all areas) by COCOeval.
+
+    ``detections`` are COCO results: ``image_id``, ``segmentation`` (RLE), ``score``.
+    """
+    if not detections:
+        return {"ar100": 0.0, "ar1000": 0.0}
+    category = gt.getCatIds()[0]
+    results = [{**d, "category_id": category} for d in detections]
+    dt = gt.loadRes(results)
+    evaluator = COCOeval(gt, dt, "segm")
+    evaluator.params.useCats = 0
+    evaluator.params.imgIds = list(image_ids)
+    evaluator.params.maxDets = [100, 1000]
+    _quiet(evaluator.evaluate)
+    _quiet(evaluator.accumulate)
+    recall = evaluator.eval["recall"]  # (T, K, A, M); K = 1 class-agnostic, A[0] = all areas
+    values = {}
+    for index, name in enumerate(("ar100", "ar1000")):
+        r = recall[:, 0, 0, index]
+        values[name] = float(r[r > -1].mean()) if (r > -1).any() else 0.0
+    return values
+
+
+def _quiet(function) -> None:
+    """Run a pycocotools step without its progress prints."""
+    import contextlib
+    import io
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        function()
+
+
+def load_coco(annotations: str | Path, max_images: int | None = None) -> tuple[COCO, list[int]]:
+    """Read a COCO instances file; return it (restricted to the first ``max_images`` images in
+    file order) and those image ids.
+
+    Raises:
+        ValueError: naming the file when it is missing, not JSON, or has no images.
+    """
+    path = Path(annotations)
+    if not path.is_file():
+        raise ValueError(f"{path}: no such annotations file")
+    try:
+        dataset = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: not JSON: {error}") from None
+    if not isinstance(dataset, dict) or not dataset.get("images"):
+        raise ValueError(f"{path}: a COCO file with an 'images' list is required")
+    if max_images is not None:
+        if max_images < 1:
+            raise ValueError(f"max_images must be at least 1, got {max_images}")
+        keep = {image["id"] for image in dataset["images"][:max_images]}
+        dataset = copy.copy(dataset)
+        dataset["images"] = dataset["images"][:max_images]
+        dataset["annotations"] = [a for a in dataset["annotations"] if a["image_id"] in keep]
+    dataset.setdefault("categories", [{"id": 1, "name": "object"}])
+    coco = COCO()
+    coco.dataset = dataset
+    _quiet(coco.createIndex)
+    return coco, [image["id"] for image in dataset["images"]]
+
+
+def evaluate_coco(
+    model: Sam,
+    annotations: str | Path,
+    images: str | Path,
+    max_images: int | None = None,
+    points_per_side: int = 32,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """All metrics of ``model`` on a COCO dataset (the keys of ``maskmill eval --json``).
+
+    Args:
+        model: the model to evaluate.
+        annotations: COCO instances JSON (polygon or RLE segmentations).
+        images: folder holding the images under their ``file_name``.
+        max_images: evaluate the first N images of the file only.
+        points_per_side: grid of the automatic generator.
+        progress: show a tqdm bar over the images.
+
+    Returns:
+        ``one_click_miou_best``, ``one_click_miou_top1``, ``noc85``, ``noc90``, ``box_miou``,
+        ``ar100``, ``ar1000`` (floats) and ``images``, ``masks`` (counts). Crowd annotations are
+        not prompted (COCOeval treats them as crowd regions).
+    """
+    from tqdm import tqdm
+
+    gt, image_ids = load_coco(annotations, max_images)
+    predictor = Predictor(model)
+    generator = MaskGenerator(model, points_per_side=points_per_side, **PROPOSAL_OPTIONS)
+    per_mask: list[InteractiveResult] = []
+    detections: list[dict[str, Any]] = []
+    for image_id in tqdm(image_ids, disable=not progress, unit="img"):
+        info = gt.imgs[image_id]
+        image = load_image(str(Path(images) / info["file_name"]))
+        if image.shape[:2] != (info["height"], info["width"]):
+            raise ValueError(
+                f"{info['file_name']}: image is {image.shape[1]}x{image.shape[0]} but the "
+                f"annotations say {info['width']}x{info['height']}"
+            )
+        anns = [a for a in gt.imgToAnns[image_id] if not a.get("iscrowd", 0)]
+        masks = [gt.annToMask(a).astype(bool) for a in anns]
+        masks = [m for m in masks if m.any()]
+        with torch.inference_mode():
+            predictor.set_image(image)
+        if masks:
+            per_mask.append(evaluate_interactive(predictor, np.stack(masks)))
+        for record in generator.generate(image):
+            detections.append(
+                {
+                    "image_id": image_id,
+                    "segmentation": record["segmentation"],
+                    "score": float(record["predicted_iou"]),
+                }
+            )
+    metrics: dict[str, Any] = {key: float("nan") for key in METRIC_KEYS}
+    masks_count = sum(len(r.box) for r in per_mask)
+    if per_mask:
+        metrics["one_click_miou_best"] = _mean(per_mask, lambda r: r.one_click_best)
+        metrics["one_click_miou_top1"] = _mean(per_mask, lambda r: r.one_click_top1)
+        metrics["noc85"] = _mean(per_mask, lambda r: r.noc[0.85])
+        metrics["noc90"] = _mean(per_mask, lambda r: r.noc[0.90])
+        metrics["box_miou"] = _mean(per_mask, lambda r: r.box)
+    metrics.update(average_recall(gt, detections, image_ids))
+    metrics["images"] = len(image_ids)
+    metrics["masks"] = masks_count
+    return metrics
+
+
+def _mean(results: list[InteractiveResult], field) -> float:
+    return float(np.concatenate([field(r) for r in results]).mean())
+
+
+def format_table(metrics: dict[str, Any]) -> str:
+    """The metrics as an aligned two-column terminal table."""
+    labels = {
+        "one_click_miou_best": "1-click mIoU (best of 3)",
+        "one_click_miou_top1": "1-click mIoU (top-1 by IoU head)",
+        "noc85": "NoC@85 (max 20)",
+        "noc90": "NoC@90 (max 20)",
+        "box_miou": "box mIoU",
+        "ar100": "AR@100 (generator, class-agnostic)",
+        "ar1000": "AR@1000 (generator, class-agnostic)",
+        "images": "images",
+        "masks": "masks",
+    }
+    width = max(len(v) for v in labels.values())
+    lines = [f"{'metric':<{width}}  value", f"{'-' * width}  ------"]
+    for key, label in labels.items():
+        value = metrics.get(key)
+        text = f"{value:.2f}" if key.startswith("noc") else f"{value:.3f}"
+        if key in ("images", "masks"):
+            text = str(value)
+        lines.append(f"{label:<{width}}  {text}")
+    return "\n".join(lines)

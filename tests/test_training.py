@@ -1,0 +1,348 @@
+"""Prompt simulation, SAM's losses and the pre-training loop."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from engine.synthetic import scene
+from engine.train import TrainConfig, learning_rate, load_state, pretrain, training_sample
+from model import SamConfig, build_model
+from model.losses import dice_loss, focal_loss, iou_loss, mask_iou, mask_loss
+from model.prompt_simulation import (
+    SimulationConfig,
+    iteration_schedule,
+    low_res_targets,
+    noisy_boxes,
+    prepare_image,
+    prepare_masks,
+    sample_error_points,
+    sample_points,
+    simulate,
+)
+
+SIDE = 512  # tiny's input
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Small ops on a shared 2-core machine run far faster without thread hand-offs."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _square(side: int, y0: int, y1: int, x0: int, x1: int) -> torch.Tensor:
+    mask = torch.zeros(side, side, dtype=torch.bool)
+    mask[y0:y1, x0:x1] = True
+    return mask
+
+
+# ---------------------------------------------------------------------------------- sampling
+
+
+def test_error_points_lie_in_the_error_region_with_the_right_labels():
+    gt = _square(64, 10, 40, 10, 40)
+    predicted = _square(64, 20, 50, 10, 40)  # misses rows 10-19, spills into rows 40-49
+    batch = 400
+    coords, labels = sample_error_points(
+        predicted.expand(batch, -1, -1),
+        gt.expand(batch, -1, -1),
+        generator=torch.Generator().manual_seed(0),
+    )
+    x, y = coords[:, 0].long(), coords[:, 1].long()
+    assert torch.equal(coords, coords.round())
+    assert (predicted[y, x] ^ gt[y, x]).all()
+    assert torch.equal(labels, gt[y, x].long())  # 1 on missed foreground, 0 on spurious
+    # Uniform over the error: both halves are 300 px, so about half the clicks each.
+    assert 0.4 < labels.float().mean() < 0.6
+    assert ((y >= 10) & (y < 20)).sum() == labels.sum()
+
+
+def test_error_points_stay_inside_the_image_and_fall_back_to_the_target():
+    gt = _square(32, 4, 12, 4, 12)
+    predicted = gt | _square(32, 0, 32, 20, 32)  # spurious only in the padding columns
+    valid = torch.zeros(32, 32, dtype=torch.bool)
+    valid[:, :20] = True
+    coords, labels = sample_error_points(predicted[None], gt[None], valid)
+    # No error inside the image: a foreground click on the target.
+    assert labels.tolist() == [1]
+    assert gt[int(coords[0, 1]), int(coords[0, 0])]
+
+
+def test_sample_points_is_uniform_inside_the_region():
+    region = _square(16, 2, 4, 3, 8)[None].expand(2000, -1, -1)
+    coords = sample_points(region, torch.Generator().manual_seed(1))
+    x, y = coords[:, 0].long(), coords[:, 1].long()
+    assert region[0][y, x].all()
+    counts = torch.bincount(y * 16 + x, minlength=256)[region[0].flatten()]
+    assert counts.numel() == 10 and counts.min() > 140 and counts.max() < 260
+    with pytest.raises(ValueError, match="empty region"):
+        sample_points(torch.zeros(1, 4, 4, dtype=torch.bool))
+
+
+def test_noisy_boxes_enclose_the_mask_up_to_the_noise():
+    gt = _square(100, 20, 60, 30, 50)[None]
+    exact = noisy_boxes(gt, noise=0.0)
+    assert exact.tolist() == [[30.0, 20.0, 49.0, 59.0]]  # XYXY of the first and last pixels
+    noisy = noisy_boxes(gt.expand(500, -1, -1), noise=0.1, max_noise=5.0)
+    assert ((noisy - exact).abs() <= 5.0 + 1e-5).all()
+    assert (noisy - exact).abs().mean() > 0.5
+    assert (noisy[:, :2] <= noisy[:, 2:]).all()
+
+
+def test_iteration_schedule_has_sams_shape():
+    schedules = [
+        iteration_schedule(SimulationConfig(), torch.Generator().manual_seed(s)) for s in range(20)
+    ]
+    for schedule in schedules:
+        assert len(schedule) == 10 and sum(schedule) == 8 and schedule[-1] is False
+    # The other pass without a point moves around.
+    assert len({schedule.index(False) for schedule in schedules}) > 3
+    assert SimulationConfig().iterations == 11
+
+
+# ------------------------------------------------------------------------------------ losses
+
+
+def test_focal_and_dice_known_values():
+    logits = torch.zeros(1, 2, 2)
+    target = torch.ones(1, 2, 2)
+    # p = 0.5: CE = ln 2, (1 - p_t)^2 = 1/4, alpha = 1/4.
+    assert focal_loss(logits, target).item() == pytest.approx(math.log(2) / 16)
+    # Dice: 1 - (2 * 2 + 1) / (2 + 4 + 1).
+    assert dice_loss(logits, target).item() == pytest.approx(1 - 5 / 7)
+    assert mask_loss(logits, target).item() == pytest.approx(20 * math.log(2) / 16 + 1 - 5 / 7)
+    assert iou_loss(torch.tensor([0.5]), torch.tensor([0.75])).item() == pytest.approx(0.0625)
+
+
+def test_the_right_mask_has_the_lowest_loss_and_iou_one():
+    gt = _square(64, 10, 40, 20, 50).float()
+    candidates = torch.stack(
+        [
+            _square(64, 10, 40, 20, 50),  # right
+            _square(64, 15, 45, 20, 50),  # shifted
+            _square(64, 10, 40, 20, 35),  # half
+            _square(64, 0, 64, 0, 64),  # everything
+            torch.zeros(64, 64, dtype=torch.bool),  # nothing
+        ]
+    )
+    logits = candidates.float() * 16 - 8
+    losses = mask_loss(logits, gt.expand_as(logits))
+    assert losses.argmin().item() == 0
+    assert losses[0] < 0.05 < losses[1:].min()
+    ious = mask_iou(logits, gt.expand_as(logits))
+    np.testing.assert_allclose(ious.numpy(), [1.0, 25 / 35, 0.5, 900 / 4096, 0.0], atol=1e-6)
+    with pytest.raises(ValueError, match="differ in shape"):
+        mask_loss(logits, gt)
+
+
+# ------------------------------------------------------------------------------- simulation
+
+
+@pytest.fixture(scope="module")
+def model():
+    return build_model("tiny", seed=0)
+
+
+@pytest.fixture(scope="module")
+def sample():
+    generated = scene(SIDE, SIDE, seed=11)
+    masks = generated.all_masks(400)[:3]
+    return generated.image, masks
+
+
+class _Recorder:
+    """Wraps the prompt encoder's forward and keeps what each call was given."""
+
+    def __init__(self, encoder):
+        self.encoder, self.calls = encoder, []
+        self.forward = encoder.forward
+
+    def __call__(self, points, boxes, masks):
+        self.calls.append((points, boxes, masks))
+        return self.forward(points, boxes, masks)
+
+
+@pytest.mark.parametrize("box_probability", [0.0, 1.0])
+def test_simulated_prompts_are_where_they_must_be(model, sample, monkeypatch, box_probability):
+    image, masks = sample
+    features = torch.randn(1, 128, 32, 32)
+    targets = prepare_masks(masks, SIDE)
+    recorder = _Recorder(model.prompt_encoder)
+    monkeypatch.setattr(model.prompt_encoder, "forward", recorder)
+    config = SimulationConfig(box_probability=box_probability)
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        result = simulate(model, features, targets, (SIDE, SIDE), config, generator)
+    assert result.ious.shape == (11, len(masks))
+    # Each pass: one sparse call, then (after the first pass) one call with the mask prompt.
+    sparse_calls = [c for c in recorder.calls if c[2] is None]
+    dense_calls = [c for c in recorder.calls if c[2] is not None]
+    assert len(sparse_calls) == 11 and len(dense_calls) == 10
+    previous = 0
+    for index, (points, boxes, _) in enumerate(sparse_calls):
+        if box_probability == 1.0:
+            assert boxes is not None and boxes.shape == (len(masks), 4)
+            rows, cols = torch.nonzero(targets[0], as_tuple=True)
+            bounds = [cols.min(), rows.min(), cols.max(), rows.max()]
+            assert (boxes[0] - torch.stack(bounds).float()).abs().max() <= 20.0 + 1e-4
+            count = 0 if points is None else points[0].shape[1]
+        else:
+            assert boxes is None
+            coords, labels = points
+            # The first prompt: one foreground point on each mask.
+            first = coords[:, 0].long()
+            assert targets[torch.arange(len(masks)), first[:, 1], first[:, 0]].all()
+            assert (labels[:, 0] == 1).all()
+            count = coords.shape[1] - 1
+        if index == 0:
+            assert count == 0
+            continue
+        mask_prompt = dense_calls[index - 1][2]
+        assert mask_prompt.shape == (len(masks), 1, 128, 128)
+        assert count in (previous, previous + 1)
+        if count == previous + 1:
+            # The new click lies in the error of the mask fed back, labelled by the truth.
+            coords, labels = points
+            new, label = coords[:, -1].long(), labels[:, -1]
+            predicted = (
+                torch.nn.functional.interpolate(
+                    mask_prompt, (SIDE, SIDE), mode="bilinear", align_corners=False
+                )[:, 0]
+                > 0
+            )
+            rows = torch.arange(len(masks))
+            at_truth = targets[rows, new[:, 1], new[:, 0]]
+            at_error = at_truth ^ predicted[rows, new[:, 1], new[:, 0]]
+            has_error = ((predicted ^ targets).flatten(1)).any(dim=1)
+            assert (at_error | ~has_error).all()
+            assert torch.equal(label, at_truth.long())
+        previous = count
+    assert previous == 8
+
+
+def test_ambiguous_point_trains_only_the_best_of_three(model, sample):
+    # With one pass and a point prompt, the loss is the minimum over outputs 1..3 plus IoU MSE.
+    image, masks = sample
+    features = torch.randn(1, 128, 32, 32, generator=torch.Generator().manual_seed(0))
+    targets = prepare_masks(masks[:1], SIDE)
+    config = SimulationConfig(point_iterations=0, no_point_iterations=0, box_probability=0.0)
+    result = simulate(model, features, targets, None, config, torch.Generator().manual_seed(0))
+    result.loss.backward()
+    grads = [
+        model.mask_decoder.output_hypernetworks_mlps[i].layers[-1].weight.grad for i in range(4)
+    ]
+    assert grads[0] is None or grads[0].abs().sum() == 0  # the single-mask output: unused
+    trained = [i for i in (1, 2, 3) if grads[i] is not None and grads[i].abs().sum() > 0]
+    assert len(trained) == 1
+    model.zero_grad(set_to_none=True)
+
+
+# A SAM of the same module types, small enough that a few optimiser steps take seconds.
+MICRO = SamConfig(
+    encoder_embed_dim=32,
+    encoder_depth=2,
+    encoder_num_heads=2,
+    encoder_global_attn_indexes=(1,),
+    image_size=128,
+    window_size=4,
+    prompt_embed_dim=32,
+    decoder_mlp_dim=64,
+    iou_head_hidden_dim=32,
+    name="micro",
+)
+
+
+def test_a_few_steps_drive_the_loss_down():
+    generated = scene(128, 128, seed=11)
+    model = build_model(MICRO, seed=1).train()
+    targets = prepare_masks(generated.all_masks(200)[:2], 128)
+    config = SimulationConfig(point_iterations=2, no_point_iterations=1)
+    optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)
+    losses = []
+    for _ in range(10):
+        optimizer.zero_grad()
+        pixels, input_size = prepare_image(model, generated.image)
+        features = model.image_encoder(pixels)  # end to end, encoder included
+        generator = torch.Generator().manual_seed(0)  # the same prompts every step
+        result = simulate(model, features, targets, input_size, config, generator)
+        result.loss.backward()
+        optimizer.step()
+        losses.append(result.loss.item())
+    assert losses[-1] < 0.75 * losses[0]
+    assert all(b < a for a, b in zip(losses, losses[1:], strict=False))
+
+
+def test_simulate_rejects_bad_input(model):
+    features = torch.zeros(1, 128, 32, 32)
+    with pytest.raises(ValueError, match="masks must have shape"):
+        simulate(model, features, torch.ones(2, 64, 64, dtype=torch.bool))
+    with pytest.raises(ValueError, match="inside the image"):
+        simulate(model, features, _square(SIDE, 500, 512, 0, 10)[None], (400, 512))
+
+
+def test_prepare_masks_resizes_like_the_image():
+    masks = np.zeros((1, 100, 200), dtype=bool)
+    masks[0, 50:, :100] = True  # bottom-left quarter
+    out = prepare_masks(masks, 512)
+    assert out.shape == (1, 512, 512)
+    assert not out[0, 256:].any()  # padding
+    assert out[0, 129:256, :255].all() and not out[0, :127].any() and not out[0, :, 257:].any()
+    assert low_res_targets(out, 128)[0, 32:64, :64].all()
+
+
+# ---------------------------------------------------------------------------- training loop
+
+
+def test_learning_rate_schedule():
+    config = TrainConfig(steps=100, warmup=10, lr=1e-3)
+    assert learning_rate(config, 0) == pytest.approx(1e-4)
+    assert learning_rate(config, 10) == pytest.approx(1e-3)
+    assert learning_rate(config, 100) == pytest.approx(5e-5)
+
+
+def test_training_sample_is_deterministic():
+    config = TrainConfig(masks_per_image=3, scene_size=(96, 96), min_mask_area=16)
+    image, masks = training_sample(config, 4)
+    image2, masks2 = training_sample(config, 4)
+    np.testing.assert_array_equal(image, image2)
+    np.testing.assert_array_equal(masks, masks2)
+    assert 1 <= len(masks) <= 3 and masks.shape[1:] == (96, 96)
+
+
+def test_pretrain_resumes_exactly(tmp_path):
+    config = TrainConfig(
+        steps=3,
+        warmup=1,
+        masks_per_image=1,
+        point_iterations=1,
+        no_point_iterations=0,
+        freeze_image_encoder=True,
+        scene_size=(128, 128),
+    )
+    straight, _ = pretrain(config, state_path=tmp_path / "a.pt", progress=False)
+    pretrain(
+        TrainConfig(**{**config.__dict__, "steps": 2}), state_path=tmp_path / "b.pt", progress=False
+    )
+    resumed, state = pretrain(
+        resume=tmp_path / "b.pt", steps=3, state_path=tmp_path / "b.pt", progress=False
+    )
+    assert state.step == 3
+    for (name, a), b in zip(
+        straight.state_dict().items(), resumed.state_dict().values(), strict=True
+    ):
+        torch.testing.assert_close(a, b, msg=name)
+    model, _, loaded = load_state(tmp_path / "b.pt")
+    assert loaded.step == 3 and loaded.history[-1]["step"] == 3
+    # The frozen encoder did not move.
+    fresh = build_model("tiny", seed=0)
+    torch.testing.assert_close(
+        model.image_encoder.patch_embed.proj.weight, fresh.image_encoder.patch_embed.proj.weight
+    )
+    with pytest.raises(ValueError, match="no such training-state"):
+        load_state(tmp_path / "missing.pt")
