@@ -8,7 +8,7 @@ import importlib
 import sys
 
 # Command-group modules, imported lazily so `maskmill --help` stays fast.
-COMMAND_MODULES = ["flows.cli_model", "flows.cli_storage", "flows.cli_train"]
+COMMAND_MODULES = ["flows.cli_model", "flows.cli_storage", "flows.cli_train", "flows.cli_engine"]
 
 
 def build_parser() -> argparse.ArgumentParser:
