@@ -12,8 +12,9 @@ Interactive metrics, per ground-truth mask, from simulated clicks:
   prompts (single-mask output).
 * box mIoU: the mask's bounding box as the prompt, single-mask output.
 
-Automatic metric: the ``MaskGenerator``'s proposals (``PROPOSAL_OPTIONS``) scored by pycocotools COCOeval, segm,
-class-agnostic (``useCats = 0``), AR@100 and AR@1000 averaged over IoU 0.50:0.95.
+Automatic metric: the ``MaskGenerator``'s proposals (``PROPOSAL_OPTIONS``) scored by pycocotools
+COCOeval, segm, class-agnostic (``useCats = 0``), AR@100 and AR@1000 averaged over IoU
+0.50:0.95.
 
 Masks are (H, W) bool arrays of the original image; clicks are XY pixels; boxes XYXY.
 """
@@ -54,7 +55,8 @@ METRIC_KEYS = (
 
 def interior_point(mask: np.ndarray) -> tuple[float, float]:
     """XY of the pixel of an (H, W) bool mask farthest from its boundary (the image border
-    counts as boundary), by an exact Euclidean distance transform.
+    counts as boundary), by an exact Euclidean distance transform; among equally far pixels the
+    most central one.
 
     Raises:
         ValueError: for an empty mask.
@@ -63,8 +65,10 @@ def interior_point(mask: np.ndarray) -> tuple[float, float]:
         raise ValueError("interior_point of an empty mask")
     padded = np.pad(mask.astype(np.uint8), 1)
     distance = cv2.distanceTransform(padded, cv2.DIST_L2, cv2.DIST_MASK_PRECISE)[1:-1, 1:-1]
-    y, x = np.unravel_index(int(np.argmax(distance)), distance.shape)
-    return float(x), float(y)
+    # Ties (a band of equally deep pixels) go to the one nearest their mean: the middle.
+    ys, xs = np.nonzero(distance >= distance.max() - 1e-4)
+    nearest = int(np.argmin((ys - ys.mean()) ** 2 + (xs - xs.mean()) ** 2))
+    return float(xs[nearest]), float(ys[nearest])
 
 
 def next_click(predicted: np.ndarray, target: np.ndarray) -> tuple[float, float, int]:
