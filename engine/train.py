@@ -218,6 +218,7 @@ def pretrain(
     *,
     resume: str | Path | None = None,
     steps: int | None = None,
+    stop_at: int | None = None,
     state_path: str | Path = "out/pretrain/state.pt",
     minutes: float | None = None,
     save_every_minutes: float = 5.0,
@@ -230,6 +231,8 @@ def pretrain(
         config: a new run's settings (ignored when resuming: the state's are used).
         resume: training-state file to continue from.
         steps: when resuming, a new schedule length (to train on past the saved one).
+        stop_at: stop after this step even if the schedule goes on (to reproduce a run that a
+            time budget stopped early).
         state_path: where the training state is saved, every ``save_every_minutes`` and at the
             end.
         minutes: wall-clock budget of this call; None trains to ``config.steps``.
@@ -268,7 +271,8 @@ def pretrain(
         if on_save is not None:
             on_save(model, state)
 
-    while state.step < config.steps and time.monotonic() < deadline:
+    last_step = min(config.steps, stop_at if stop_at is not None else config.steps)
+    while state.step < last_step and time.monotonic() < deadline:
         step = state.step
         image, masks = training_sample(config, step)
         for group in optimizer.param_groups:

@@ -36,6 +36,9 @@ def _register_pretrain(subparsers: argparse._SubParsersAction) -> None:
         help="schedule length in images (default 2000; with --resume: the saved one unless given)",
     )
     parser.add_argument("--minutes", type=float, help="wall-clock budget of this run")
+    parser.add_argument(
+        "--stop-at", type=int, help="stop after this step (the schedule keeps --steps)"
+    )
     parser.add_argument("--lr", type=float, default=5e-4, help="peak learning rate")
     parser.add_argument("--warmup", type=int, default=50, help="warm-up steps")
     parser.add_argument("--masks-per-image", type=int, default=6)
@@ -78,6 +81,7 @@ def run_pretrain(args: argparse.Namespace) -> int:
             config,
             resume=args.resume,
             steps=args.steps,
+            stop_at=args.stop_at,
             state_path=args.state,
             minutes=args.minutes,
             save_every_minutes=args.save_every,
@@ -124,7 +128,6 @@ def _register_eval(subparsers: argparse._SubParsersAction) -> None:
 
 def run_eval(args: argparse.Namespace) -> int:
     from engine.evaluate import evaluate_coco, format_table
-
     from model import load_checkpoint, load_default
 
     try:
