@@ -97,7 +97,8 @@ def ingest_folder(store: Store, images: str, progress: bool = False) -> dict[str
     ``ingest``) with the reason. Idempotent: the same folder gives the same shards.
 
     Returns:
-        ``{"images": registered, "failures": refused}``.
+        ``{"images": registered, "failures": refused}``, or ``{"skipped": 1}`` when this
+        folder, with the same files, was registered before.
     """
     fs, root = fsspec.core.url_to_fs(images)
     if not fs.isdir(root):
@@ -111,6 +112,11 @@ def ingest_folder(store: Store, images: str, progress: bool = False) -> dict[str
         raise FileNotFoundError(
             f"--images {images}: no image files ({', '.join(IMAGE_EXTENSIONS)}) in it"
         )
+    # The key names the folder and its file list: a rerun on the same folder finds its shard.
+    listing = "\n".join([root, *paths]).encode()
+    key = "folder-" + hashlib.blake2b(listing, digest_size=8).hexdigest()
+    if store.fs.exists(store.shard_path("images", key)):
+        return {"skipped": 1}
     infos: dict[str, ImageInfo] = {}
     failures = []
     for path in _progress(paths, "reading images", progress):
@@ -121,13 +127,12 @@ def ingest_folder(store: Store, images: str, progress: bool = False) -> dict[str
             failures.append({"uri": uri, "error": _ingest_reason(uri, error)})
             continue
         infos.setdefault(info.image_id, info)  # the same content twice is one image
-    key = "folder-" + hashlib.blake2b(root.encode(), digest_size=8).hexdigest()
+    if failures:  # failures first: the images shard marks the folder as done
+        with StageWriter(store, INGEST_ROUND, INGEST_STAGE) as writer:
+            writer.write_failures(key, failures)
     if infos:
         ordered = [infos[i] for i in sorted(infos)]
         store.write_shard("images", images_table(ordered, utc_now()), key)
-    if failures:
-        with StageWriter(store, INGEST_ROUND, INGEST_STAGE) as writer:
-            writer.write_failures(key, failures)
     return {"images": len(infos), "failures": len(failures)}
 
 
@@ -151,6 +156,8 @@ def image_rows(store: Store) -> dict[str, ImageRow]:
 
 def ground_truth(store: Store) -> dict[str, list[dict[str, Any]]]:
     """Ground-truth RLEs (round 0, stage ``gt``) of every image, by image id, in stored order."""
+    if not store.shards("masks"):
+        return {}
     with Catalog(store) as catalog:
         rows = catalog.con.execute(
             f"SELECT image_id, segmentation, height, width FROM {catalog.scan('masks')} "

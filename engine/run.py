@@ -54,6 +54,8 @@ class EngineSettings:
         include_auto: retrain on automatic masks too.
         accept_iou, max_clicks: the simulated annotator's acceptance IoU and click budget.
         points_per_side: the generators' grid side.
+        generator_options: further ``MaskGenerator`` parameters for both generators (e.g.
+            thresholds), over ``AUTO_GENERATOR`` / ``SEMI_GENERATOR``.
         progress: tqdm progress bars.
     """
 
@@ -76,7 +78,7 @@ class EngineSettings:
     max_clicks: int = 20
     points_per_side: int = 16
     progress: bool = True
-    extra: dict[str, Any] = field(default_factory=dict)
+    generator_options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for name in ("manual_rounds", "semi_rounds", "retrain_steps", "scenes"):
@@ -127,19 +129,27 @@ def prepare(settings: EngineSettings) -> dict[str, Any]:
                 width=settings.scene_size,
                 parts=False,
             )
-        result = import_coco(annotations, os.path.join(folder, "images"), store)
-        summary.update(images=result.images, gt_masks=result.masks, source=folder)
+        summary.update(_import_once(store, annotations, os.path.join(folder, "images"), False))
     elif settings.annotations:
-        result = import_coco(
-            settings.annotations, settings.images, store, progress=settings.progress
+        summary.update(
+            _import_once(store, settings.annotations, settings.images, settings.progress)
         )
-        summary.update(images=result.images, gt_masks=result.masks, source=settings.images)
     else:
         summary.update(ingest_folder(store, settings.images, progress=settings.progress))
     plan = plan_of(settings)
     meta = ensure_initial_model(store, plan, settings.checkpoint, progress=settings.progress)
     summary["initial_model"] = {k: meta.get(k) for k in ("version", "source", "metrics")}
     return summary
+
+
+def _import_once(store: Store, annotations: str, images: str, progress: bool) -> dict[str, Any]:
+    """Import the ground truth unless the store has it (a rerun leaves its shards alone; an
+    import killed before its masks shard is done again)."""
+    truth = ground_truth(store)
+    if truth:
+        return {"images": len(truth), "gt_masks": sum(map(len, truth.values())), "source": images}
+    result = import_coco(annotations, images, store, progress=progress)
+    return {"images": result.images, "gt_masks": result.masks, "source": images}
 
 
 def plan_of(settings: EngineSettings) -> Plan:
@@ -164,7 +174,7 @@ def annotate_round(settings: EngineSettings, round_: int) -> dict[str, Any]:
         raise ValueError(f"round {round_} is not in the plan (rounds {sorted(rounds)})")
     stage, ids = rounds[round_]
     meta = model_for_round(store, round_)
-    grid = {"points_per_side": settings.points_per_side}
+    grid = {"points_per_side": settings.points_per_side, **settings.generator_options}
     if stage == "auto":
         init_ray(settings.ray_address)
         return fully_automatic(

@@ -59,6 +59,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--points-per-side", type=int, default=16, help="generator grid side (default 16)"
     )
     parser.add_argument(
+        "--pred-iou-thresh",
+        type=float,
+        help="generators' predicted-IoU threshold (default: auto 0.88, semi 0.92)",
+    )
+    parser.add_argument(
+        "--stability-score-thresh",
+        type=float,
+        help="generators' stability threshold (default: auto 0.95, semi 0.97)",
+    )
+    parser.add_argument(
         "--accept-iou", type=float, default=0.9, help="simulated annotator's acceptance IoU"
     )
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -72,6 +82,14 @@ def run_engine(args: argparse.Namespace) -> int:
     from engine.report import format_rounds
     from flows.data_engine import data_engine
 
+    generator_options = {
+        name: value
+        for name, value in (
+            ("pred_iou_thresh", args.pred_iou_thresh),
+            ("stability_score_thresh", args.stability_score_thresh),
+        )
+        if value is not None
+    }
     started = time.perf_counter()
     try:
         rows = data_engine(
@@ -92,6 +110,7 @@ def run_engine(args: argparse.Namespace) -> int:
                 "scenes": args.scenes,
                 "points_per_side": args.points_per_side,
                 "accept_iou": args.accept_iou,
+                "generator_options": generator_options,
                 "progress": not args.quiet,
             },
         )

@@ -1,0 +1,266 @@
+"""The data engine end to end: real Prefect flow runs (a test-harness server) on a real local Ray
+cluster (2 CPUs), on generated scenes with ground truth and a fixed random-weight tiny model.
+
+The random model rarely reaches the real acceptance IoU, so these runs accept any overlap
+(``accept_iou`` 0.01) and keep every generated mask (thresholds 0): what is tested is the
+machinery — stages, versions, resume, failures — not the model's quality.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import ray
+from prefect.testing.utilities import prefect_test_harness
+
+from engine.synthetic import write_coco
+from model import build_model, save_checkpoint
+from storage import Catalog, Store
+from tests.test_engine_units import BAD, GOOD, make_image_files
+
+REPO = Path(__file__).resolve().parents[1]
+# Small and fast: a 2x2 grid, any mask kept, any overlap accepted (see the module doc).
+OPTIONS = {
+    "holdout": 0.25,
+    "points_per_side": 2,
+    "accept_iou": 0.01,
+    "max_clicks": 3,
+    "generator_options": {"pred_iou_thresh": 0.0, "stability_score_thresh": 0.0},
+    "progress": False,
+}
+
+
+@pytest.fixture(scope="module")
+def prefect_server():
+    with prefect_test_harness(server_startup_timeout=180):
+        from prefect.settings import PREFECT_API_URL
+
+        yield PREFECT_API_URL.value()
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("model") / "random-tiny.pt"
+    save_checkpoint(build_model("tiny", seed=0), str(path))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def scenes(tmp_path_factory) -> tuple[str, str]:
+    folder = tmp_path_factory.mktemp("scenes")
+    annotations = write_coco(folder, 5, seed=3, height=96, width=96, parts=False)
+    return str(folder / "images"), str(annotations)
+
+
+def _masks(store: str) -> list[tuple]:
+    with Catalog(store) as catalog:
+        return catalog.con.execute(
+            "SELECT mask_id, image_id, round, stage, model_version, segmentation, clicks "
+            "FROM masks WHERE stage <> 'gt' ORDER BY mask_id"
+        ).fetchall()
+
+
+def test_two_round_run(prefect_server, ray_cluster, checkpoint, scenes, tmp_path):
+    from prefect.artifacts import Artifact
+
+    from flows.data_engine import data_engine
+
+    images, annotations = scenes
+    store = str(tmp_path / "store")
+    kwargs = dict(
+        store=store,
+        images=images,
+        annotations=annotations,
+        checkpoint=checkpoint,
+        manual_rounds=1,
+        semi_rounds=1,
+        seed=0,
+        workers=2,
+        retrain_steps=2,
+        options=OPTIONS,
+    )
+    rows = data_engine(**kwargs)
+
+    assert [(r["round"], r["stage"], r["model_version"]) for r in rows] == [
+        (1, "manual", 1),
+        (2, "semi", 2),
+        (3, "auto", 3),
+    ]
+    by_stage = {r["stage"]: r for r in rows}
+    # 5 scenes: 1 held out, 2 + 2 annotated, all 5 in the automatic pass
+    assert [by_stage[s]["images"] for s in ("manual", "semi", "auto")] == [2, 2, 5]
+    assert all(by_stage[s]["masks"] > 0 for s in ("manual", "semi", "auto"))
+    assert by_stage["manual"]["clicks_per_mask"] == 1.0  # accepted at the first click
+    for row in rows:
+        assert row["masks_per_image"] == pytest.approx(row["masks"] / row["images"])
+        assert 0.0 <= row["heldout_miou"] <= 1.0
+    # three model versions: the start and one retrain after each annotated round
+    metas = Store(store).model_metas()
+    assert [(m["version"], m["round"]) for m in metas] == [(1, 0), (2, 1), (3, 2)]
+    assert metas[1]["metrics"]["steps"] == 2 and metas[1]["metrics"]["workers"] == 2
+    assert metas[1]["base_version"] == 1 and metas[2]["base_version"] == 2
+    masks = _masks(store)
+    assert len({m[0] for m in masks}) == len(masks)
+    assert {m[3] for m in masks} == {"manual", "semi", "auto"}
+    assert all(m[6] for m in masks if m[3] == "manual")  # click logs kept
+    # the rounds table artifact of the stats flow
+    artifact = Artifact.get("rounds")
+    table = json.loads(artifact.data)
+    assert [row["stage"] for row in table] == ["manual", "semi", "auto"]
+
+    # A rerun of the finished run changes nothing: no new masks, no new model.
+    shards = {p: os.path.getmtime(p) for p in Store(store).shards("masks")}
+    data_engine(**kwargs)
+    assert _masks(store) == masks
+    assert {p: os.path.getmtime(p) for p in Store(store).shards("masks")} == shards
+    assert len(Store(store).model_metas()) == 3
+
+
+def _cli(store: str, images: str, annotations: str, checkpoint: str, address: str) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "flows.cli",
+        "run",
+        "--store",
+        store,
+        "--images",
+        images,
+        "--annotations",
+        annotations,
+        "--checkpoint",
+        checkpoint,
+        "--manual-rounds",
+        "1",
+        "--semi-rounds",
+        "1",
+        "--seed",
+        "0",
+        "--workers",
+        "1",
+        "--retrain-steps",
+        "0",
+        "--points-per-side",
+        "2",
+        "--accept-iou",
+        "0.01",
+        "--pred-iou-thresh",
+        "0",
+        "--stability-score-thresh",
+        "0",
+        "--ray-address",
+        address,
+        "--quiet",
+    ]
+
+
+def test_kill_and_resume_gives_the_masks_of_an_uninterrupted_run(
+    prefect_server, ray_cluster, checkpoint, scenes, tmp_path
+):
+    """Five SIGKILLs at random moments, each followed by a rerun of the same command, end with
+    exactly the masks of an uninterrupted run (ids, stages, pixels)."""
+    from flows.data_engine import data_engine
+
+    images, annotations = scenes
+    reference = str(tmp_path / "reference")
+    options = {**OPTIONS, "max_clicks": 20}
+    data_engine(
+        store=reference,
+        images=images,
+        annotations=annotations,
+        checkpoint=checkpoint,
+        manual_rounds=1,
+        semi_rounds=1,
+        seed=0,
+        workers=1,
+        retrain_steps=0,
+        options=options,
+    )
+    expected = _masks(reference)
+    assert expected
+
+    store = str(tmp_path / "killed")
+    command = _cli(store, images, annotations, checkpoint, ray_cluster)
+    env = {**os.environ, "PREFECT_API_URL": prefect_server}
+    rng = random.Random(6)
+    kills = 0
+    for _ in range(5):
+        process = subprocess.Popen(
+            command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        )
+        # startup (imports, Prefect, Ray) takes several seconds: kill inside the work
+        time.sleep(rng.uniform(6.0, 20.0))
+        if process.poll() is None:
+            process.send_signal(signal.SIGKILL)
+            kills += 1
+        process.wait()
+    final = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
+    assert final.returncode == 0, final.stderr[-3000:]
+    assert "round" in final.stdout and "auto" in final.stdout
+    assert kills >= 3  # most runs were cut short, not finished before the kill
+    assert _masks(store) == expected
+    # no temp files left behind in the committed folders
+    leftovers = [p for p in Path(store).rglob("*.tmp")]
+    assert leftovers == []
+
+
+def test_bad_images_are_recorded_and_the_round_completes(
+    prefect_server, ray_cluster, checkpoint, tmp_path
+):
+    from flows.data_engine import data_engine
+
+    folder = tmp_path / "images"
+    paths = make_image_files(folder)
+    store = str(tmp_path / "store")
+    rows = data_engine(
+        store=store,
+        images=str(folder),
+        checkpoint=checkpoint,
+        manual_rounds=0,
+        semi_rounds=0,
+        workers=1,
+        retrain_steps=0,
+        options=OPTIONS,
+    )
+    assert [(r["round"], r["stage"]) for r in rows] == [(1, "auto")]
+    with Catalog(store) as catalog:
+        failures = dict(catalog.con.execute("SELECT uri, error FROM failures").fetchall())
+        done = {
+            uri: (h, w)
+            for uri, h, w in catalog.con.execute(
+                "SELECT i.uri, m.height, m.width FROM masks m JOIN images i USING (image_id) "
+                "WHERE m.stage = 'auto'"
+            ).fetchall()
+        }
+        registered = {u for (u,) in catalog.con.execute("SELECT uri FROM images").fetchall()}
+    for kind, reason in BAD.items():
+        assert paths[kind] in failures, kind
+        assert f": {reason}: " in failures[paths[kind]], failures[paths[kind]]
+    # empty, not-an-image and the bomb never enter the images table; the others fail in the
+    # stage, which records them and goes on
+    assert not {paths[k] for k in ("empty", "not_an_image", "bomb")} & registered
+    assert {paths[k] for k in ("truncated", "one_pixel")} <= registered
+    # every good kind is processed, its masks on the stored pixel grid (EXIF not applied)
+    for kind in GOOD:
+        assert paths[kind] not in failures, failures.get(paths[kind])
+    assert rows[0]["images"] == len(GOOD)
+    for kind in GOOD:
+        if paths[kind] in done:
+            assert done[paths[kind]] == (32, 40), kind
+    assert paths["exif_rotated"] in done
+    assert rows[0]["failures"] == 2
