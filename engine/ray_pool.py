@@ -57,8 +57,16 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
 
 
 def gpus_available() -> bool:
-    """Whether the Ray cluster has GPUs (then every actor takes one)."""
+    """Whether the Ray cluster has GPUs."""
     return ray.cluster_resources().get("GPU", 0) >= 1
+
+
+def gpus_per_actor(workers: int) -> float:
+    """One GPU per actor where the cluster has enough; with fewer GPUs than actors they share
+    them evenly (Ray's fractional GPUs), so no actor waits forever for a GPU that is not there;
+    0 without GPUs."""
+    gpus = ray.cluster_resources().get("GPU", 0)
+    return 0 if gpus < 1 else min(1.0, gpus / workers)
 
 
 @ray.remote
@@ -128,8 +136,8 @@ class GeneratorPool:
     ) -> None:
         if workers < 1:
             raise ValueError(f"workers must be at least 1, got {workers}")
-        gpus = 1 if gpus_available() else 0
-        options = {"num_cpus": cpus_per_worker, "num_gpus": gpus}
+        options = {"num_cpus": cpus_per_worker, "num_gpus": gpus_per_actor(workers)}
+        started = time.perf_counter()
         self.actors = [
             GeneratorActor.options(**options).remote(
                 checkpoint, dict(generator_kwargs or {}), cpus_per_worker
@@ -138,6 +146,7 @@ class GeneratorPool:
         ]
         # Wait for every model to load, so a broken checkpoint fails here, named, not mid-run.
         self.pids = ray.get([actor.ready.remote() for actor in self.actors])
+        self.start_seconds = time.perf_counter() - started
         self.pool = ActorPool(self.actors)
 
     def map(self, jobs: Iterable[ImageJob]) -> Iterator[ImageResult]:

@@ -146,7 +146,9 @@ def fully_automatic(
 ) -> dict[str, Any]:
     """The automatic pass: ``MaskGenerator`` (``AUTO_GENERATOR`` unless given) over
     ``image_ids`` on ``workers`` Ray actors (Ray must be initialised, see
-    :func:`engine.ray_pool.init_ray`); returns its rounds row."""
+    :func:`engine.ray_pool.init_ray`); returns its rounds row, whose metrics add
+    ``worker_seconds`` (the actors' time on this run's images), ``pool_start_seconds`` (actors
+    started, models loaded) and ``workers``."""
     version = int(model_meta["version"])
     kwargs = AUTO_GENERATOR if generator_kwargs is None else generator_kwargs
     started = time.perf_counter()
@@ -156,10 +158,13 @@ def fully_automatic(
             for r in (plan.images[i] for i in image_ids)
             if not writer.done(r.image_id)
         ]
+        worker_seconds = pool_start_seconds = 0.0
         if jobs:
             with GeneratorPool(model_meta["uri"], workers, kwargs) as pool:
+                pool_start_seconds = pool.start_seconds
                 for result in _bar(pool.map(jobs), f"round {round_} auto", progress, len(jobs)):
                     job = result.job
+                    worker_seconds += result.seconds
                     if result.error is not None:
                         writer.write_failures(
                             job.image_id,
@@ -173,7 +178,12 @@ def fully_automatic(
                     writer.write_masks(job.image_id, records, model_version=version)
         return writer.finish(
             model_version=version,
-            metrics=stage_metrics(store, round_, "auto", model_meta, time.perf_counter() - started),
+            metrics={
+                **stage_metrics(store, round_, "auto", model_meta, time.perf_counter() - started),
+                "worker_seconds": worker_seconds,
+                "pool_start_seconds": pool_start_seconds,
+                "workers": workers,
+            },
         )
 
 
