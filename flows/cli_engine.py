@@ -29,8 +29,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--store", help="store URL (default: out/engine/store)")
     parser.add_argument("--checkpoint", help="starting model (default: the shipped model)")
-    parser.add_argument("--manual-rounds", type=int, default=2, metavar="N")
-    parser.add_argument("--semi-rounds", type=int, default=1, metavar="N")
+    parser.add_argument(
+        "--manual-rounds", type=int, default=2, metavar="N", help="assisted-manual rounds (2)"
+    )
+    parser.add_argument(
+        "--semi-rounds", type=int, default=1, metavar="N", help="semi-automatic rounds (1)"
+    )
     parser.add_argument(
         "--no-auto", dest="auto", action="store_false", help="skip the fully automatic pass"
     )
@@ -82,6 +86,9 @@ def run_engine(args: argparse.Namespace) -> int:
     from engine.report import format_rounds
     from flows.data_engine import data_engine
 
+    if args.images and not args.store:
+        print("error: --images needs --store (where its masks go)", file=sys.stderr)
+        return 2
     generator_options = {
         name: value
         for name, value in (
