@@ -10,7 +10,9 @@
 The unit of work is one image: its masks are one shard keyed by the image id, written through
 :class:`~storage.StageWriter`, so a rerun skips finished images and a killed run resumes with no
 mask lost or duplicated (mask ids are a hash of image, round, stage and index). An image that
-cannot be read goes to the failures table with the reason, and the round goes on. Each stage
+cannot be read goes to the failures table with the reason, and the round goes on; so does an
+image whose model step raises (reason ``model_error``, with the exception). A failed image has no
+shard, so a rerun tries it again. Each stage
 ends by writing its row of the rounds table (:func:`stage_metrics`).
 """
 
@@ -108,13 +110,20 @@ def _annotation_stage(
                 continue
             records: list[dict[str, Any]] = []
             existing = existing_masks(store, row.image_id, round_)
-            with torch.inference_mode():
-                if generator is not None:
-                    for record in generator.generate(image):
-                        records.append({**record, "source": "model"})
-                        existing.append(record["segmentation"])
-                predictor.set_image(image)
-                annotation = annotator.annotate(row.image_id, image, predictor, existing)
+            try:
+                with torch.inference_mode():
+                    if generator is not None:
+                        for record in generator.generate(image):
+                            records.append({**record, "source": "model"})
+                            existing.append(record["segmentation"])
+                    predictor.set_image(image)
+                    annotation = annotator.annotate(row.image_id, image, predictor, existing)
+            except Exception as error:  # noqa: BLE001 - one image's error must not end the round
+                message = f"{row.uri}: model_error: {type(error).__name__}: {error}"
+                writer.write_failures(
+                    row.image_id, [{"image_id": row.image_id, "uri": row.uri, "error": message}]
+                )
+                continue
             for mask in annotation.masks:
                 records.append(
                     {
