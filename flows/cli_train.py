@@ -62,7 +62,7 @@ def run_pretrain(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    command = shlex.join(["maskmill", *sys.argv[1:]])
+    command = _command_line(args)
     try:
         config = TrainConfig(
             config=args.config,
@@ -100,6 +100,17 @@ def run_pretrain(args: argparse.Namespace) -> int:
     )
     print(f"wrote {args.out} and training state {args.state}")
     return 0
+
+
+def _command_line(args: argparse.Namespace) -> str:
+    """The pretrain command with every option that shapes the run spelled out, for metadata."""
+    words = ["maskmill", "pretrain"]
+    for name, value in sorted(vars(args).items()):
+        if name in ("handler", "command", "no_progress") or value is None or value is False:
+            continue
+        flag = "--" + name.replace("_", "-")
+        words += [flag] if value is True else [flag, str(value)]
+    return shlex.join(words)
 
 
 # ------------------------------------------------------------------------------------- eval

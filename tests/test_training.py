@@ -346,3 +346,19 @@ def test_pretrain_resumes_exactly(tmp_path):
     )
     with pytest.raises(ValueError, match="no such training-state"):
         load_state(tmp_path / "missing.pt")
+
+
+def test_pretrain_cli_writes_a_loadable_checkpoint_and_resumes(tmp_path, capsys):
+    from flows.cli import main
+    from model import load_checkpoint
+
+    state, out = tmp_path / "state.pt", tmp_path / "model.pt"
+    common = ["--state", str(state), "--out", str(out), "--no-progress", "--threads", "1"]
+    fast = ["--masks-per-image", "1", "--point-iterations", "0", "--no-point-iterations", "0"]
+    assert main(["pretrain", "--steps", "1", "--freeze-image-encoder", *fast, *common]) == 0
+    assert main(["pretrain", "--resume", str(state), "--steps", "2", *common]) == 0
+    assert "trained 2/2 steps" in capsys.readouterr().out
+    model = load_checkpoint(str(out))
+    assert model.config.name == "tiny" and model.metadata["steps"] == 2
+    assert model.metadata["command"].startswith("maskmill ")
+    assert main(["pretrain", "--resume", str(tmp_path / "nothing.pt"), *common]) == 2
