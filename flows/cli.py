@@ -8,7 +8,13 @@ import importlib
 import sys
 
 # Command-group modules, imported lazily so `maskmill --help` stays fast.
-COMMAND_MODULES = ["flows.cli_model", "flows.cli_storage", "flows.cli_train", "flows.cli_engine"]
+COMMAND_MODULES = [
+    "flows.cli_model",
+    "flows.cli_storage",
+    "flows.cli_train",
+    "flows.cli_engine",
+    "flows.cli_serve",
+]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,96 @@
+"""``maskmill serve``: the annotation page for the assisted-manual and semi-automatic stages."""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import sys
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "serve",
+        help="annotate a round in the browser (assisted-manual or semi-automatic stage)",
+        description=(
+            "Serve the annotation page for one round and stage of a store: it shows the next "
+            "image without masks of that round, the model draws the mask of each click, and "
+            "accepted masks are written to the store with their clicks and seconds. Holds the "
+            "round's writer lease while it runs (Ctrl-C to stop)."
+        ),
+    )
+    parser.add_argument("--store", required=True, help="store URL (folder or fsspec URL)")
+    parser.add_argument(
+        "--round",
+        type=int,
+        help="round to annotate (default: the stage's unfinished round, else a new one)",
+    )
+    parser.add_argument(
+        "--stage",
+        choices=("manual", "semi"),
+        default="manual",
+        help="manual: clicks only; semi: the model pre-fills confident masks (default manual)",
+    )
+    parser.add_argument(
+        "--checkpoint",
+        help="model file (default: the store's model for the round, else the shipped model)",
+    )
+    parser.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to bind (default 127.0.0.1: this machine only)",
+    )
+    parser.add_argument("--port", type=int, default=8765, help="port (default 8765)")
+    parser.add_argument(
+        "--annotator",
+        default=None,
+        help="your name, stored as source web:<name> (default: the login name)",
+    )
+    parser.set_defaults(handler=run_serve)
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    from engine.serve import serve
+    from engine.web_annotator import (
+        AnnotationSession,
+        WebAnnotator,
+        default_round,
+        resolve_model,
+    )
+    from model.checkpoint import CheckpointError
+    from storage import StorageError, Store, WriterConflictError
+
+    if not 0 < args.port < 65536:
+        print(f"error: --port must be 1-65535, got {args.port}", file=sys.stderr)
+        return 2
+    try:
+        store = Store(args.store)
+        round_ = args.round if args.round is not None else default_round(store, args.stage)
+        model, version, meta = resolve_model(store, round_, args.checkpoint)
+        name = args.annotator or _login()
+        session = AnnotationSession(
+            store, round_, args.stage, model, version, WebAnnotator(name), model_meta=meta
+        )
+        with session:
+            if not session.images:
+                print(f"error: {args.store} has no images; import some first", file=sys.stderr)
+                return 2
+            print(
+                f"annotating round {round_} ({args.stage}) of {args.store}: "
+                f"{len(session.images)} images, model "
+                f"{'v' + str(version) if version is not None else meta.get('source')}; "
+                f"open http://{args.host}:{args.port}/",
+                flush=True,
+            )
+            serve(session, args.host, args.port)
+    except (ValueError, FileNotFoundError, StorageError, WriterConflictError) as error:
+        kind = "checkpoint" if isinstance(error, CheckpointError) else "error"
+        print(f"{kind}: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _login() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):  # no login name in some containers
+        return "web"
