@@ -251,8 +251,8 @@ class AnnotationSession:
                 mask prompt (where a click is ambiguous), one mask otherwise.
 
         Returns:
-            ``masks`` (each ``{height, width, counts}``: uncompressed column-major RLE runs,
-            starting with background), ``scores``, ``best`` (index of the top score),
+            ``masks`` (each a COCO compressed RLE ``{size: [h, w], counts: str}``, the store's
+            own encoding), ``scores``, ``best`` (index of the top score),
             ``decode_ms`` (prompt encoder + decoder + upsampling, this call).
 
         Raises:
@@ -309,7 +309,7 @@ class AnnotationSession:
                 "image_id": image_id,
                 "height": height,
                 "width": width,
-                "masks": [runs(m) for m in masks],
+                "masks": [rle.encode(m) for m in masks],
                 "scores": [float(s) for s in scores],
                 "best": int(np.argmax(scores)),
                 "decode_ms": decode_ms,
@@ -521,7 +521,7 @@ class AnnotationSession:
                     "predicted_iou": record.get("predicted_iou"),
                     "clicks": record.get("clicks"),
                     "seconds": record.get("seconds"),
-                    "mask": runs(rle.decode(record["segmentation"])),
+                    "mask": _rle(record["segmentation"]),
                 }
             )
         return {
@@ -535,7 +535,7 @@ class AnnotationSession:
                 "position": ids.index(image_id) + 1,
             },
             "masks": masks,
-            "existing": [runs(rle.decode(r)) for r in work.existing],
+            "existing": [_rle(r) for r in work.existing],
             "can_undo": bool(work.history),
         }
 
@@ -543,17 +543,13 @@ class AnnotationSession:
 # ------------------------------------------------------------------------------- helpers
 
 
-def runs(mask: np.ndarray) -> dict[str, Any]:
-    """A (H, W) bool mask as uncompressed RLE: ``{height, width, counts}``, run lengths in
-    column-major (COCO) order, the first run background (0 when the first pixel is set)."""
-    height, width = mask.shape
-    flat = np.asarray(mask, bool).ravel(order="F")
-    edges = np.flatnonzero(flat[1:] != flat[:-1]) + 1
-    bounds = np.concatenate([[0], edges, [flat.size]])
-    counts = np.diff(bounds).tolist()
-    if flat.size and flat[0]:
-        counts = [0, *counts]
-    return {"height": int(height), "width": int(width), "counts": counts}
+def _rle(segmentation: dict[str, Any]) -> dict[str, Any]:
+    """A stored mask as the page takes it: COCO compressed RLE, ``counts`` a str."""
+    counts = segmentation["counts"]
+    return {
+        "size": [int(v) for v in segmentation["size"]],
+        "counts": counts.decode() if isinstance(counts, bytes) else counts,
+    }
 
 
 def _encode(image: np.ndarray) -> tuple[bytes, str]:

@@ -38,7 +38,6 @@ from engine.web_annotator import (
     WebAnnotator,
     default_round,
     resolve_model,
-    runs,
 )
 from flows.cli import build_parser, main
 from model import build_model, has_default, save_checkpoint
@@ -175,7 +174,7 @@ def test_predict_accept_writes_a_shard_duckdb_reads(client, session, store):
     predicted = post(client, f"/api/images/{image_id}/predict", {"points": [[x, y, 1]]}).json()
     assert len(predicted["masks"]) == 3 and len(predicted["scores"]) == 3
     mask = predicted["masks"][predicted["best"]]
-    assert (mask["height"], mask["width"]) == (120, 160) and sum(mask["counts"]) == 120 * 160
+    assert mask["size"] == [120, 160] and rle.decode(mask).shape == (120, 160)
     assert predicted["decode_ms"] > 0
     time.sleep(0.05)  # the object's seconds run from its first prediction to the accept
     # A second click refines the first mask (its logits fed back): one mask.
@@ -351,16 +350,12 @@ def test_default_round_and_model(store, tmp_path, model):
     assert resolve_model(store, 2)[1] == 2
 
 
-def test_runs_round_trip():
-    rng = np.random.default_rng(0)
-    for mask in [rng.random((7, 5)) > 0.5, np.ones((3, 4), bool), np.zeros((2, 2), bool)]:
-        encoded = runs(mask)
-        flat, value, position = np.zeros(mask.size, bool), False, 0
-        for count in encoded["counts"]:
-            flat[position : position + count] = value
-            position, value = position + count, not value
-        assert position == mask.size
-        assert np.array_equal(flat.reshape(mask.shape, order="F"), mask)
+def column_runs(mask: np.ndarray) -> list[int]:
+    """Uncompressed COCO run lengths of a mask (column-major, from background)."""
+    flat = mask.ravel(order="F")
+    edges = np.flatnonzero(flat[1:] != flat[:-1]) + 1
+    counts = np.diff(np.concatenate([[0], edges, [flat.size]])).tolist()
+    return [0, *counts] if flat[0] else counts
 
 
 def test_cli(tmp_path, capsys):
@@ -543,6 +538,16 @@ def test_page_in_chromium(chromium, page_store, model, tmp_path):
             click(5, 5, button="right")
             page.wait_for_selector('body[data-predictions="3"]', timeout=30_000)
             assert page.locator("#clicks").inner_text() == "2"
+            # The page's decoder of COCO compressed RLE agrees with pycocotools.
+            rng = np.random.default_rng(0)
+            for mask in [
+                rng.random((37, 53)) > 0.5,
+                np.ones((5, 4), bool),
+                np.pad(np.ones((900, 1400), bool), ((300, 3), (3, 2000))),
+            ]:
+                counts = rle.encode(mask)["counts"]
+                decoded = page.evaluate("s => window.maskmill.cocoCounts(s)", counts)
+                assert decoded == column_runs(mask)
             shot = tmp_path / "annotation_page.png"
             page.screenshot(path=str(shot))
             if os.environ.get("MASKMILL_SCREENSHOT") == "1":
