@@ -21,6 +21,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+import numpy as np
 import torch
 
 from engine.annotators import Annotator
@@ -105,7 +106,7 @@ def _annotation_stage(
             predictor = Predictor(model)
             generator = Generator(model, **generator_kwargs) if generator_kwargs else None
         for row in _bar(todo, f"round {round_} {stage}", progress):
-            image = _read(writer, row)
+            image = read_stored_image(writer, row)
             if image is None:
                 continue
             records: list[dict[str, Any]] = []
@@ -196,7 +197,7 @@ def fully_automatic(
         )
 
 
-def _read(writer: StageWriter, row: ImageRow):
+def read_stored_image(writer: StageWriter, row: ImageRow) -> np.ndarray | None:
     """The image as stored (no EXIF turn: masks live on the stored grid), or None after writing
     its failure."""
     try:

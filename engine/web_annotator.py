@@ -47,7 +47,7 @@ from engine.annotators import AnnotatedMask, Annotation, Annotator, Click
 from engine.generate import Generator
 from engine.images import BadImageError, load_image
 from engine.plan import ImageRow, existing_masks, image_rows
-from engine.stages import SEMI_GENERATOR, stage_metrics
+from engine.stages import SEMI_GENERATOR, read_stored_image, stage_metrics
 from model import Predictor, Sam, has_default, load_checkpoint, load_default
 from storage import Catalog, StageWriter, Store, rle
 from storage.schema import STAGE_GT
@@ -429,20 +429,8 @@ class AnnotationSession:
             row = self.images[image_id]
             if self.writer.done(image_id):
                 continue
-            try:
-                image = load_image(row.uri, exif_transpose=False)
-                if image.shape[:2] != (row.height, row.width):
-                    raise BadImageError(
-                        row.uri,
-                        "size_changed",
-                        f"decodes to {image.shape[1]}x{image.shape[0]} but "
-                        f"the images table says {row.width}x{row.height}",
-                    )
-            except BadImageError as error:
-                # As the stages do: the failure is recorded, the image has no shard.
-                self.writer.write_failures(
-                    image_id, [{"image_id": image_id, "uri": row.uri, "error": str(error)}]
-                )
+            image = read_stored_image(self.writer, row)  # None: failure recorded
+            if image is None:
                 continue
             prefill = []
             with torch.inference_mode():
