@@ -110,3 +110,24 @@ def test_write_coco_round_trips(tmp_path):
 
     image = np.asarray(Image.open(tmp_path / "ds" / "images" / "000001.png"))
     np.testing.assert_array_equal(image, scene(96, 128, seed=8).image)
+
+
+def test_scenes_cli_writes_a_coco_dataset(tmp_path):
+    from flows.cli import main
+
+    assert main(["scenes", "--out", str(tmp_path / "a"), "--count", "3", "--size", "96"]) == 0
+    assert (
+        main(["scenes", "--out", str(tmp_path / "b"), "--count", "3", "--size", "96", "--held-out"])
+        == 0
+    )
+    data = json.loads((tmp_path / "a" / "instances.json").read_text())
+    assert len(data["images"]) == 3 and len(list((tmp_path / "a" / "images").iterdir())) == 3
+    assert {c["id"] for c in data["categories"]} == {1, 2}
+    assert all(a["image_id"] in {i["id"] for i in data["images"]} for a in data["annotations"])
+    # Held-out scenes come from other seeds: other pictures.
+    held = (
+        tmp_path / "b" / "images" / sorted(p.name for p in (tmp_path / "b" / "images").iterdir())[0]
+    )
+    first = tmp_path / "a" / "images" / held.name
+    assert held.read_bytes() != first.read_bytes()
+    assert main(["scenes", "--out", str(tmp_path / "c"), "--count", "0"]) == 2
