@@ -24,6 +24,8 @@ from engine.ray_pool import init_ray
 from engine.retrain import RetrainConfig, retrain
 from engine.stages import (
     AUTO_GENERATOR,
+    DEFAULT_MODEL_AUTO,
+    DEFAULT_MODEL_SEMI,
     SEMI_GENERATOR,
     assisted_manual,
     fully_automatic,
@@ -175,6 +177,10 @@ def annotate_round(settings: EngineSettings, round_: int) -> dict[str, Any]:
     stage, ids = rounds[round_]
     meta = model_for_round(store, round_)
     grid = {"points_per_side": settings.points_per_side, **settings.generator_options}
+    # SAM's thresholds suit SAM's models; the shipped small model has its own (see stages).
+    shipped = settings.checkpoint is None
+    auto_defaults = {**AUTO_GENERATOR, **(DEFAULT_MODEL_AUTO if shipped else {})}
+    semi_defaults = {**SEMI_GENERATOR, **(DEFAULT_MODEL_SEMI if shipped else {})}
     if stage == "auto":
         init_ray(settings.ray_address)
         return fully_automatic(
@@ -184,7 +190,7 @@ def annotate_round(settings: EngineSettings, round_: int) -> dict[str, Any]:
             ids,
             meta,
             settings.workers,
-            {**AUTO_GENERATOR, **grid},
+            {**auto_defaults, **grid},
             settings.progress,
         )
     truth = ground_truth(store)
@@ -196,7 +202,7 @@ def annotate_round(settings: EngineSettings, round_: int) -> dict[str, Any]:
     if stage == "manual":
         return assisted_manual(store, round_, plan, ids, meta, annotator, settings.progress)
     return semi_automatic(
-        store, round_, plan, ids, meta, annotator, {**SEMI_GENERATOR, **grid}, settings.progress
+        store, round_, plan, ids, meta, annotator, {**semi_defaults, **grid}, settings.progress
     )
 
 

@@ -314,6 +314,8 @@ class MaskGenerator:
         if self.pred_iou_thresh > 0.0:
             keep = iou_preds > self.pred_iou_thresh
         prompts = keep.any(dim=1)
+        if not prompts.any():  # a trained model's batch of background points: nothing survives
+            return _Masks()
         if not prompts.all():
             hs, image_tokens, keep = hs[prompts], image_tokens[prompts], keep[prompts]
             iou_preds = iou_preds[prompts]
@@ -382,7 +384,10 @@ class MaskGenerator:
         if self.min_mask_region_area > 0:
             columns = self._remove_small_regions(columns)
         records = []
-        areas = mask_utils.area(columns["rles"]) if columns["rles"] else []
+        # pycocotools 2.0.11's area() keeps the count of masks in a uint8 under NumPy 2, so it
+        # raises for 256 masks or more: call it on slices.
+        rles = columns["rles"]
+        areas = [a for i in range(0, len(rles), 255) for a in mask_utils.area(rles[i : i + 255])]
         bboxes = mask_utils.toBbox(columns["rles"]) if columns["rles"] else []
         image_area = image_size[0] * image_size[1]
         for i, rle in enumerate(columns["rles"]):
