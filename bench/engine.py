@@ -31,7 +31,7 @@ from engine.generate import Generator  # noqa: E402
 from engine.images import load_image  # noqa: E402
 from engine.plan import image_rows, make_plan, model_bytes  # noqa: E402
 from engine.ray_pool import init_ray  # noqa: E402
-from engine.stages import AUTO_GENERATOR, fully_automatic  # noqa: E402
+from engine.stages import AUTO_GENERATOR, DEFAULT_MODEL_AUTO, fully_automatic  # noqa: E402
 from engine.synthetic import write_coco  # noqa: E402
 from model import build_model, has_default, load_checkpoint, load_default  # noqa: E402
 from storage import Store, import_coco  # noqa: E402
@@ -52,6 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         model, name = build_model("tiny", seed=0), "random tiny (no default shipped)"
     kwargs = {**AUTO_GENERATOR, "points_per_side": args.points_per_side}
+    if name == "shipped default":  # the engine's thresholds for the shipped model
+        kwargs.update(DEFAULT_MODEL_AUTO)
     if "random" in name:
         kwargs.update(pred_iou_thresh=0.0, stability_score_thresh=0.0)
 

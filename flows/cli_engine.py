@@ -83,6 +83,9 @@ def run_engine(args: argparse.Namespace) -> int:
     # Prefect's temporary server waits 20 s for itself by default; on a busy 2-core machine it
     # takes longer, so allow 2 minutes unless the user set it.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    # The temporary server's telemetry heartbeat races the flow's own writes on its SQLite file
+    # ("database is locked" tracebacks); it reports nothing a local run needs.
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     from engine.report import format_rounds
     from flows.data_engine import data_engine
 
