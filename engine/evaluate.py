@@ -201,7 +201,7 @@ def average_recall(
         return {"ar100": 0.0, "ar1000": 0.0}
     category = gt.getCatIds()[0]
     results = [{**d, "category_id": category} for d in detections]
-    dt = gt.loadRes(results)
+    dt = _quiet(lambda: gt.loadRes(results))
     evaluator = COCOeval(gt, dt, "segm")
     evaluator.params.useCats = 0
     evaluator.params.imgIds = list(image_ids)
@@ -216,13 +216,13 @@ def average_recall(
     return values
 
 
-def _quiet(function) -> None:
-    """Run a pycocotools step without its progress prints."""
+def _quiet(function) -> Any:
+    """Run a pycocotools step without its progress prints (``--json`` output stays JSON)."""
     import contextlib
     import io
 
     with contextlib.redirect_stdout(io.StringIO()):
-        function()
+        return function()
 
 
 def load_coco(annotations: str | Path, max_images: int | None = None) -> tuple[COCO, list[int]]:
