@@ -56,6 +56,19 @@ class Annotation:
     abandoned_clicks: int = 0
     abandoned_seconds: float = 0.0
 
+    def records(self, source: str) -> list[dict[str, Any]]:
+        """The accepted masks as mask records for the store (``storage.writer.masks_table``)."""
+        return [
+            {
+                "segmentation": mask.segmentation,
+                "clicks": [list(c) for c in mask.clicks],
+                "seconds": mask.seconds,
+                "predicted_iou": mask.predicted_iou,
+                "source": source,
+            }
+            for mask in self.masks
+        ]
+
 
 class Annotator(abc.ABC):
     """Draws the masks missing on an image with the help of a promptable model."""

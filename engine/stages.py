@@ -132,16 +132,7 @@ def _annotation_stage(
                     row.image_id, [{"image_id": row.image_id, "uri": row.uri, "error": message}]
                 )
                 continue
-            for mask in annotation.masks:
-                records.append(
-                    {
-                        "segmentation": mask.segmentation,
-                        "clicks": [list(c) for c in mask.clicks],
-                        "seconds": mask.seconds,
-                        "predicted_iou": mask.predicted_iou,
-                        "source": annotator.source,
-                    }
-                )
+            records.extend(annotation.records(annotator.source))
             for index, record in enumerate(records):
                 record.update(image_id=row.image_id, index=index)
             writer.write_masks(row.image_id, records, model_version=version)

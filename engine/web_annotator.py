@@ -468,16 +468,7 @@ class AnnotationSession:
         image_id = work.row.image_id
         annotation = self.annotator.annotate(image_id, work.image, self.predictor, work.existing)
         records = [dict(r) for r in work.prefill]
-        for mask in annotation.masks:
-            records.append(
-                {
-                    "segmentation": mask.segmentation,
-                    "clicks": [list(c) for c in mask.clicks],
-                    "seconds": mask.seconds,
-                    "predicted_iou": mask.predicted_iou,
-                    "source": self.annotator.source,
-                }
-            )
+        records.extend(annotation.records(self.annotator.source))
         for index, record in enumerate(records):
             record.update(image_id=image_id, index=index)
         return records
