@@ -131,6 +131,11 @@ def test_two_round_run(prefect_server, ray_cluster, checkpoint, scenes, tmp_path
     assert len(Store(store).model_metas()) == 3
 
 
+def _shards(store: str) -> int:
+    """Committed shards of every table (temp files and leases are not ``part-*.parquet``)."""
+    return len(list(Path(store).rglob("part-*.parquet")))
+
+
 def _cli(store: str, images: str, annotations: str, checkpoint: str, address: str) -> list[str]:
     return [
         sys.executable,
@@ -200,11 +205,17 @@ def test_kill_and_resume_gives_the_masks_of_an_uninterrupted_run(
     rng = random.Random(6)
     kills = 0
     for _ in range(5):
+        committed = _shards(store)
         process = subprocess.Popen(
             command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
         )
-        # startup (imports, Prefect, Ray) takes several seconds: kill inside the work
-        time.sleep(rng.uniform(6.0, 20.0))
+        # Kill inside the work, however fast the machine: once this attempt has committed a
+        # shard (start-up, imports, Prefect and Ray, are behind it), at a random moment soon after.
+        deadline = time.monotonic() + 300
+        while process.poll() is None and _shards(store) <= committed:
+            assert time.monotonic() < deadline, "the run committed nothing in 300 s"
+            time.sleep(0.02)
+        time.sleep(rng.uniform(0.0, 1.5))
         if process.poll() is None:
             process.send_signal(signal.SIGKILL)
             kills += 1
