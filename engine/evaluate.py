@@ -38,10 +38,10 @@ from model import Predictor, Sam
 from model.mask_generator import MaskGenerator
 
 MAX_CLICKS = 20
-# Proposal settings: every grid prompt's masks compete for the top 100 / 1000 by predicted IoU
-# (SAM's proposal evaluation also relaxed the annotation-quality filters); NMS stays.
-# Proposals for recall: no score filter (NMS removes duplicates). A stability filter would
-# measure how sharp a model's logits are (small models' are soft), not what it can find.
+# Proposal settings: every grid prompt's masks compete for the top 100 / 1000 by predicted IoU,
+# with no score filter (SAM's proposal evaluation also relaxed the annotation-quality filters);
+# NMS stays. A stability filter would measure how sharp a model's logits are (small models' are
+# soft), not what it can find.
 PROPOSAL_OPTIONS = {"pred_iou_thresh": 0.0, "stability_score_thresh": 0.0}
 NOC_THRESHOLDS = (0.85, 0.90)
 METRIC_KEYS = (
