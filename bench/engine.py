@@ -25,16 +25,14 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from engine.generate import Generator  # noqa: E402
-from engine.images import load_image  # noqa: E402
-from engine.plan import image_rows, make_plan, model_bytes  # noqa: E402
-from engine.ray_pool import init_ray  # noqa: E402
-from engine.stages import AUTO_GENERATOR, DEFAULT_MODEL_AUTO, fully_automatic  # noqa: E402
-from engine.synthetic import write_coco  # noqa: E402
-from model import build_model, has_default, load_checkpoint, load_default  # noqa: E402
-from storage import Store, import_coco  # noqa: E402
+from maskmill.engine.generate import Generator
+from maskmill.engine.images import load_image
+from maskmill.engine.plan import image_rows, make_plan, model_bytes
+from maskmill.engine.ray_pool import init_ray
+from maskmill.engine.stages import AUTO_GENERATOR, DEFAULT_MODEL_AUTO, fully_automatic
+from maskmill.engine.training.synthetic import write_coco
+from maskmill.model import build_model, has_default, load_checkpoint, load_default
+from maskmill.storage import Store, import_coco
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -5,10 +5,10 @@ on the rest, in one run.
         --images ../shared/data/fruits_nuts/images --train-images 12 --steps 200
 
 The first ``--train-images`` images of the file (in file order) are imported into a fresh store
-as ground truth; the engine's retrain (``engine.retrain.retrain``: Ray Train ``TorchTrainer``,
-prompt simulation, SAM's losses) trains the starting model on them; both models are then
-evaluated with ``maskmill eval``'s metrics on the other images. Prints the two rows and the
-change.
+as ground truth; the engine's retrain (``engine.training.retrain.retrain``: Ray Train
+``TorchTrainer``, prompt simulation, SAM's losses) trains the starting model on them; both
+models are then evaluated with ``maskmill eval``'s metrics on the other images.
+Prints the two rows and the change.
 """
 
 from __future__ import annotations
@@ -16,18 +16,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from engine.evaluate import evaluate_coco  # noqa: E402
-from engine.plan import ensure_initial_model, make_plan  # noqa: E402
-from engine.ray_pool import init_ray  # noqa: E402
-from engine.retrain import RetrainConfig, retrain  # noqa: E402
-from model import load_checkpoint, load_default  # noqa: E402
-from storage import Store, import_coco  # noqa: E402
+from maskmill.engine.evaluate import evaluate_coco
+from maskmill.engine.plan import ensure_initial_model, make_plan
+from maskmill.engine.ray_pool import init_ray
+from maskmill.engine.training.retrain import RetrainConfig, retrain
+from maskmill.model import load_checkpoint, load_default
+from maskmill.storage import Store, import_coco
 
 KEYS = ("one_click_miou_best", "one_click_miou_top1", "noc85", "noc90", "box_miou", "ar100")
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import threading
 import time
 from pathlib import Path
@@ -26,16 +25,13 @@ from pathlib import Path
 import numpy as np
 import torch
 from pycocotools import mask as mask_utils
+from segment_anything import SamAutomaticMaskGenerator
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from segment_anything import SamAutomaticMaskGenerator  # noqa: E402
-
-from engine.images import load_image  # noqa: E402
-from engine.synthetic import photo_like  # noqa: E402
-from model import build_model, get_config, load_checkpoint  # noqa: E402
-from model.mask_generator import MaskGenerator  # noqa: E402
-from tests.reference import build_reference, randomize_  # noqa: E402
+from maskmill.engine.images import load_image
+from maskmill.engine.training.synthetic import photo_like
+from maskmill.model import build_model, get_config, load_checkpoint
+from maskmill.model.mask_generator import MaskGenerator
+from reference import build_reference, randomize_
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
 

@@ -14,20 +14,15 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
+from segment_anything import SamPredictor
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from segment_anything import SamPredictor  # noqa: E402
-
-from engine.synthetic import photo_like  # noqa: E402
-from model import Predictor, build_model, get_config  # noqa: E402
-from tests.reference import build_reference, randomize_  # noqa: E402
+from maskmill.engine.training.synthetic import photo_like
+from maskmill.model import Predictor, build_model, get_config
+from reference import build_reference, randomize_
 
 
 def _timed(function) -> float:

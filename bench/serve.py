@@ -30,17 +30,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from engine.serve import create_app  # noqa: E402
-from engine.synthetic import write_coco  # noqa: E402
-from engine.web_annotator import AnnotationSession  # noqa: E402
-from model import build_model, has_default, load_checkpoint, load_default  # noqa: E402
-from storage import import_coco  # noqa: E402
+from maskmill.engine.training.synthetic import write_coco
+from maskmill.engine.web.app import create_app
+from maskmill.engine.web.session import AnnotationSession
+from maskmill.model import build_model, has_default, load_checkpoint, load_default
+from maskmill.storage import import_coco
 
 with warnings.catch_warnings():  # starlette >= 1.0 prefers httpx2; httpx works the same here
     warnings.simplefilter("ignore")
-    from starlette.testclient import TestClient  # noqa: E402
+    from starlette.testclient import TestClient
 
 
 def _ms(samples: list[float]) -> tuple[float, float]:

@@ -16,24 +16,17 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import sys
 import tempfile
 import time
-from pathlib import Path
 
 import fsspec
 import numpy as np
 from pycocotools import mask as mask_utils
 from tqdm import tqdm
 
-# Run as a script, bench/ is sys.path[0] and this file would shadow the storage package.
-_HERE = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
-sys.path.insert(0, str(_HERE.parent))
-
-from storage import Catalog, StageWriter, Store, compute_stats  # noqa: E402
-from storage.coco import sa1b_annotation  # noqa: E402
-from storage.writer import masks_table  # noqa: E402
+from maskmill.storage import Catalog, StageWriter, Store, compute_stats
+from maskmill.storage.coco import sa1b_annotation
+from maskmill.storage.writer import masks_table
 
 HEIGHT, WIDTH = 1500, 2250
 MASKS_PER_IMAGE = 100

@@ -16,9 +16,9 @@ from typing import Any
 import numpy as np
 from pycocotools import mask as mask_utils
 
-from engine.evaluate import interior_point, next_click
-from model import Predictor
-from storage import rle
+from maskmill.engine.evaluate import interior_point, next_click
+from maskmill.model import Predictor
+from maskmill.storage import rle
 
 Click = tuple[float, float, int]  # x, y (pixels of the image), label: 1 foreground, 0 background
 

@@ -33,9 +33,9 @@ import torch
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from engine.images import load_image
-from model import Predictor, Sam
-from model.mask_generator import MaskGenerator
+from maskmill.engine.images import load_image
+from maskmill.model import Predictor, Sam
+from maskmill.model.mask_generator import MaskGenerator
 
 MAX_CLICKS = 20
 # Proposal settings: every grid prompt's masks compete for the top 100 / 1000 by predicted IoU,

@@ -14,8 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from model import Sam
-from model.mask_generator import MaskGenerator
+from maskmill.model import Sam
+from maskmill.model.mask_generator import MaskGenerator
 
 
 class Generator:

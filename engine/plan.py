@@ -23,14 +23,14 @@ import fsspec
 import numpy as np
 import torch
 
-from engine.evaluate import evaluate_interactive
-from engine.images import BadImageError, load_image
-from model import Predictor, has_default, load_checkpoint, load_default
-from model.checkpoint import checkpoint_payload
-from storage import Catalog, StageWriter, Store, rle
-from storage.images import ImageInfo, images_table, read_image_info
-from storage.schema import STAGE_GT
-from storage.writer import utc_now
+from maskmill.engine.evaluate import evaluate_interactive
+from maskmill.engine.images import BadImageError, load_image
+from maskmill.model import Predictor, has_default, load_checkpoint, load_default
+from maskmill.model.checkpoint import checkpoint_payload
+from maskmill.storage import Catalog, StageWriter, Store, rle
+from maskmill.storage.images import ImageInfo, images_table, read_image_info
+from maskmill.storage.schema import STAGE_GT
+from maskmill.storage.writer import utc_now
 
 IMAGE_EXTENSIONS = (
     ".jpg",

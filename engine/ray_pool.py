@@ -76,8 +76,8 @@ class GeneratorActor:
     def __init__(self, checkpoint: str, generator_kwargs: dict[str, Any], threads: int) -> None:
         import torch
 
-        from engine.generate import Generator
-        from model import load_checkpoint
+        from maskmill.engine.generate import Generator
+        from maskmill.model import load_checkpoint
 
         # One actor per core: more threads each would only fight over the same cores.
         torch.set_num_threads(max(1, threads))
@@ -86,7 +86,7 @@ class GeneratorActor:
         self.pid = os.getpid()
 
     def generate(self, job: ImageJob) -> ImageResult:
-        from engine.images import BadImageError, load_image
+        from maskmill.engine.images import BadImageError, load_image
 
         start = time.perf_counter()
         try:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from storage import Catalog, Store
+from maskmill.storage import Catalog, Store
 
 # (key in the rounds row or its metrics, column title, format)
 COLUMNS: list[tuple[str, str, str]] = [

@@ -11,8 +11,8 @@ import os
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-from engine.annotators import SimulatedAnnotator
-from engine.plan import (
+from maskmill.engine.annotators import SimulatedAnnotator
+from maskmill.engine.plan import (
     Plan,
     ensure_initial_model,
     ground_truth,
@@ -20,9 +20,8 @@ from engine.plan import (
     make_plan,
     model_for_round,
 )
-from engine.ray_pool import init_ray
-from engine.retrain import RetrainConfig, retrain
-from engine.stages import (
+from maskmill.engine.ray_pool import init_ray
+from maskmill.engine.stages import (
     AUTO_GENERATOR,
     DEFAULT_MODEL_AUTO,
     DEFAULT_MODEL_SEMI,
@@ -31,7 +30,8 @@ from engine.stages import (
     fully_automatic,
     semi_automatic,
 )
-from storage import Store, import_coco
+from maskmill.engine.training.retrain import RetrainConfig, retrain
+from maskmill.storage import Store, import_coco
 
 DEFAULT_WORKDIR = "out/engine"
 
@@ -116,7 +116,7 @@ def prepare(settings: EngineSettings) -> dict[str, Any]:
     store = Store(settings.store)
     summary: dict[str, Any] = {"store": settings.store}
     if settings.images is None:
-        from engine.synthetic import write_coco
+        from maskmill.engine.training.synthetic import write_coco
 
         folder = os.path.join(
             DEFAULT_WORKDIR, f"scenes-s{settings.seed}-n{settings.scenes}-{settings.scene_size}"

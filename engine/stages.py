@@ -24,13 +24,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from engine.annotators import Annotator
-from engine.generate import Generator
-from engine.images import BadImageError, load_image
-from engine.plan import ImageRow, Plan, existing_masks
-from engine.ray_pool import GeneratorPool, ImageJob
-from model import Predictor, load_checkpoint
-from storage import Catalog, StageWriter, Store
+from maskmill.engine.annotators import Annotator
+from maskmill.engine.generate import Generator
+from maskmill.engine.images import BadImageError, load_image
+from maskmill.engine.plan import ImageRow, Plan, existing_masks
+from maskmill.engine.ray_pool import GeneratorPool, ImageJob
+from maskmill.model import Predictor, load_checkpoint
+from maskmill.storage import Catalog, StageWriter, Store
 
 # The automatic stage's generator on a CPU: a 16x16 grid (SAM: 32x32) and SAM's thresholds;
 # masks covering >= 95 % of the image are dropped, as for SA-1B.

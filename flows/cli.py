@@ -9,11 +9,11 @@ import sys
 
 # Command-group modules, imported lazily so `maskmill --help` stays fast.
 COMMAND_MODULES = [
-    "flows.cli_model",
-    "flows.cli_storage",
-    "flows.cli_train",
-    "flows.cli_engine",
-    "flows.cli_serve",
+    "maskmill.flows.cli_model",
+    "maskmill.flows.cli_storage",
+    "maskmill.flows.cli_train",
+    "maskmill.flows.cli_engine",
+    "maskmill.flows.cli_serve",
 ]
 
 

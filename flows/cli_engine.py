@@ -86,8 +86,8 @@ def run_engine(args: argparse.Namespace) -> int:
     # The temporary server's telemetry heartbeat races the flow's own writes on its SQLite file
     # ("database is locked" tracebacks); it reports nothing a local run needs.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    from engine.report import format_rounds
-    from flows.data_engine import data_engine
+    from maskmill.engine.report import format_rounds
+    from maskmill.flows.data_engine import data_engine
 
     if args.images and not args.store:
         print("error: --images needs --store (where its masks go)", file=sys.stderr)

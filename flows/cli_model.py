@@ -62,10 +62,10 @@ def run_segment(args: argparse.Namespace) -> int:
     import torch
     from PIL import Image
 
-    from engine.images import load_image
-    from engine.overlay import render_overlay
-    from engine.synthetic import photo_like
-    from model import Predictor, build_model, has_default, load_checkpoint, load_default
+    from maskmill.engine.images import load_image
+    from maskmill.engine.overlay import render_overlay
+    from maskmill.engine.training.synthetic import photo_like
+    from maskmill.model import Predictor, build_model, has_default, load_checkpoint, load_default
 
     if args.checkpoint:
         model, model_name = load_checkpoint(args.checkpoint), args.checkpoint

@@ -49,15 +49,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    from engine.serve import serve
-    from engine.web_annotator import (
+    from maskmill.engine.web.app import serve
+    from maskmill.engine.web.session import (
         AnnotationSession,
         WebAnnotator,
         default_round,
         resolve_model,
     )
-    from model.checkpoint import CheckpointError
-    from storage import StorageError, Store, WriterConflictError
+    from maskmill.model.checkpoint import CheckpointError
+    from maskmill.storage import StorageError, Store, WriterConflictError
 
     if not 0 < args.port < 65536:
         print(f"error: --port must be 1-65535, got {args.port}", file=sys.stderr)

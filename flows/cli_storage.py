@@ -13,8 +13,8 @@ import sys
 
 
 def _stats(args: argparse.Namespace) -> int:
-    from storage import Catalog, compute_stats, format_stats
-    from storage.plots import plot_stats
+    from maskmill.storage import Catalog, compute_stats, format_stats
+    from maskmill.storage.plots import plot_stats
 
     with Catalog(args.store) as catalog:
         stats = compute_stats(catalog)
@@ -28,7 +28,7 @@ def _stats(args: argparse.Namespace) -> int:
 def _query(args: argparse.Namespace) -> int:
     import duckdb
 
-    from storage import Catalog
+    from maskmill.storage import Catalog
 
     with Catalog(args.store) as catalog:
         try:
@@ -47,7 +47,7 @@ def _query(args: argparse.Namespace) -> int:
 
 
 def _import_coco(args: argparse.Namespace) -> int:
-    from storage import import_coco
+    from maskmill.storage import import_coco
 
     result = import_coco(args.annotations, args.images, args.store, progress=True)
     print(
@@ -58,7 +58,7 @@ def _import_coco(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from storage import export_coco, export_sa1b
+    from maskmill.storage import export_coco, export_sa1b
 
     export = export_coco if args.format == "coco" else export_sa1b
     counts = export(args.store, args.out, where=args.where, progress=True)
@@ -73,7 +73,7 @@ def _storage_errors(handler):
     """Run a handler; a StorageError is printed as one clear line and exit status 1."""
 
     def run(args: argparse.Namespace) -> int:
-        from storage import StorageError
+        from maskmill.storage import StorageError
 
         try:
             return handler(args)

@@ -1,5 +1,5 @@
-"""``maskmill pretrain`` and ``maskmill eval``: the command-line side of engine/train.py and
-engine/evaluate.py."""
+"""``maskmill pretrain`` and ``maskmill eval``: the command-line side of
+engine/training/pretrain.py and engine/evaluate.py."""
 
 from __future__ import annotations
 
@@ -40,8 +40,8 @@ def _register_scenes(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_scenes(args: argparse.Namespace) -> int:
-    from engine.synthetic import write_coco
-    from engine.train import HELD_OUT_SEED
+    from maskmill.engine.training.pretrain import HELD_OUT_SEED
+    from maskmill.engine.training.synthetic import write_coco
 
     if args.count < 1 or args.size < 32:
         print("error: --count must be >= 1 and --size >= 32", file=sys.stderr)
@@ -98,7 +98,7 @@ def _register_pretrain(subparsers: argparse._SubParsersAction) -> None:
 def run_pretrain(args: argparse.Namespace) -> int:
     import torch
 
-    from engine.train import TrainConfig, pretrain, save_pretrained
+    from maskmill.engine.training.pretrain import TrainConfig, pretrain, save_pretrained
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -178,8 +178,8 @@ def _register_eval(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    from engine.evaluate import evaluate_coco, format_table
-    from model import load_checkpoint, load_default
+    from maskmill.engine.evaluate import evaluate_coco, format_table
+    from maskmill.model import load_checkpoint, load_default
 
     try:
         model = load_checkpoint(args.checkpoint) if args.checkpoint else load_default()

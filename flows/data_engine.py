@@ -17,9 +17,9 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
-from engine.report import COLUMNS, format_rounds, markdown_rounds, rounds_table
-from engine.run import EngineSettings, plan_of, prepare, retrain_after
-from engine.run import annotate_round as annotate_step
+from maskmill.engine.report import COLUMNS, format_rounds, markdown_rounds, rounds_table
+from maskmill.engine.run import EngineSettings, plan_of, prepare, retrain_after
+from maskmill.engine.run import annotate_round as annotate_step
 
 # A stage or a retrain that fails part-way is retried; the store makes the retry skip what the
 # failed attempt finished. NO_CACHE: the store, not Prefect's result cache, says what is done.

@@ -1,9 +1,9 @@
 """maskmill storage: Parquet shards on any fsspec URL, a DuckDB catalog, statistics, plots,
 COCO and SA-1B import and export. Imports neither prefect nor ray."""
 
-from storage.catalog import Catalog
-from storage.coco import ImportResult, export_coco, export_sa1b, import_coco
-from storage.errors import (
+from maskmill.storage.catalog import Catalog
+from maskmill.storage.coco import ImportResult, export_coco, export_sa1b, import_coco
+from maskmill.storage.errors import (
     CocoFormatError,
     GroundTruthConflictError,
     MaskSizeError,
@@ -12,13 +12,13 @@ from storage.errors import (
     ValidationErrors,
     WriterConflictError,
 )
-from storage.images import ImageInfo, read_image_info
-from storage.lease import StageLease
-from storage.rle import mask_id
-from storage.schema import SCHEMAS
-from storage.stats import compute_stats, format_stats
-from storage.store import Store
-from storage.writer import StageWriter, masks_table
+from maskmill.storage.images import ImageInfo, read_image_info
+from maskmill.storage.lease import StageLease
+from maskmill.storage.rle import mask_id
+from maskmill.storage.schema import SCHEMAS
+from maskmill.storage.stats import compute_stats, format_stats
+from maskmill.storage.store import Store
+from maskmill.storage.writer import StageWriter, masks_table
 
 __all__ = [
     "SCHEMAS",

@@ -14,8 +14,8 @@ from typing import Any
 import duckdb
 import pyarrow as pa
 
-from storage.schema import BOX, MODELS, PARTITIONED, POINT, SCHEMAS
-from storage.store import Store
+from maskmill.storage.schema import BOX, MODELS, PARTITIONED, POINT, SCHEMAS
+from maskmill.storage.store import Store
 
 TABLES = tuple(SCHEMAS)
 # Parquet has no fixed-size lists: these come back as plain lists, so the views cast them to

@@ -18,9 +18,9 @@ from typing import Any
 import fsspec
 from tqdm import tqdm
 
-from storage import rle
-from storage.catalog import Catalog
-from storage.errors import (
+from maskmill.storage import rle
+from maskmill.storage.catalog import Catalog
+from maskmill.storage.errors import (
     CocoFormatError,
     GroundTruthConflictError,
     MaskSizeError,
@@ -28,10 +28,10 @@ from storage.errors import (
     StorageError,
     ValidationErrors,
 )
-from storage.images import ImageInfo, images_table, read_image_info
-from storage.schema import STAGE_GT
-from storage.store import Store
-from storage.writer import StageWriter, masks_table, utc_now
+from maskmill.storage.images import ImageInfo, images_table, read_image_info
+from maskmill.storage.schema import STAGE_GT
+from maskmill.storage.store import Store
+from maskmill.storage.writer import StageWriter, masks_table, utc_now
 
 GT_ROUND = 0
 # Annotation fields exported beside COCO's own when a mask has them (SA-1B's names).

@@ -11,8 +11,8 @@ import fsspec
 import pyarrow as pa
 from PIL import Image, UnidentifiedImageError
 
-from storage.errors import MissingImageError, StorageError
-from storage.schema import IMAGES
+from maskmill.storage.errors import MissingImageError, StorageError
+from maskmill.storage.schema import IMAGES
 
 
 @dataclass(frozen=True)

@@ -17,8 +17,8 @@ import time
 import uuid
 from typing import Any
 
-from storage.errors import WriterConflictError
-from storage.store import Store, check_key
+from maskmill.storage.errors import WriterConflictError
+from maskmill.storage.store import Store, check_key
 
 DEFAULT_TTL_S = 3600.0
 

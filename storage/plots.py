@@ -14,8 +14,8 @@ import fsspec
 import numpy as np
 from matplotlib.figure import Figure
 
-from storage.catalog import Catalog
-from storage.stats import score_bucket_sql
+from maskmill.storage.catalog import Catalog
+from maskmill.storage.stats import score_bucket_sql
 
 SIZE_BINS = 25  # relative mask size histogram over [0, 1]
 CENTRE_BINS = 40  # mask-centre heat map, per axis

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 from pycocotools import mask as mask_utils
 
-from storage.errors import MaskSizeError
+from maskmill.storage.errors import MaskSizeError
 
 # pycocotools' area() stores the number of masks in a uint8 (2.0.11 with numpy 2), so it fails
 # for more than 255 masks at once; batches below that work.

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from storage.catalog import Catalog
+from maskmill.storage.catalog import Catalog
 
 # Relative mask size as in the SA-1B paper: sqrt(mask area / image area).
 SIZE_EDGES = (0.0, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0)

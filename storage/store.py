@@ -29,8 +29,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
-from storage.errors import StorageError
-from storage.schema import DICTIONARY_COLUMNS, PARTITIONED, SCHEMAS
+from maskmill.storage.errors import StorageError
+from maskmill.storage.schema import DICTIONARY_COLUMNS, PARTITIONED, SCHEMAS
 
 _KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _TMP_SUFFIX = ".tmp"

@@ -10,11 +10,11 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from storage import rle
-from storage.catalog import Catalog
-from storage.lease import DEFAULT_TTL_S, StageLease
-from storage.schema import FAILURES, MASKS, ROUNDS
-from storage.store import Store, check_key
+from maskmill.storage import rle
+from maskmill.storage.catalog import Catalog
+from maskmill.storage.lease import DEFAULT_TTL_S, StageLease
+from maskmill.storage.schema import FAILURES, MASKS, ROUNDS
+from maskmill.storage.store import Store, check_key
 
 # Optional per-mask fields copied from a record as they are (absent -> null).
 _OPTIONAL = (

@@ -7,8 +7,8 @@ import os
 import pytest
 from hypothesis import settings
 
-from engine.synthetic import photo_like
-from model import Predictor, build_model
+from maskmill.engine.training.synthetic import photo_like
+from maskmill.model import Predictor, build_model
 
 # CI runs the same examples every time, so a red build is reproducible.
 settings.register_profile("ci", derandomize=True, deadline=None, print_blob=True)

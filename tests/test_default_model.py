@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from engine.evaluate import evaluate_interactive, interior_point
-from engine.synthetic import scene
-from engine.train import HELD_OUT_SEED
-from model import Predictor, has_default, load_default
-from model.checkpoint import DEFAULT_CHECKPOINT
+from maskmill.engine.evaluate import evaluate_interactive, interior_point
+from maskmill.engine.training.pretrain import HELD_OUT_SEED
+from maskmill.engine.training.synthetic import scene
+from maskmill.model import Predictor, has_default, load_default
+from maskmill.model.checkpoint import DEFAULT_CHECKPOINT
 
 
 def test_default_model_is_shipped_small_and_documented():

@@ -21,9 +21,9 @@ import pytest
 import ray
 from prefect.testing.utilities import prefect_test_harness
 
-from engine.synthetic import write_coco
-from model import build_model, save_checkpoint
-from storage import Catalog, Store
+from maskmill.engine.training.synthetic import write_coco
+from maskmill.model import build_model, save_checkpoint
+from maskmill.storage import Catalog, Store
 from tests.test_engine_units import BAD, GOOD, make_image_files
 
 REPO = Path(__file__).resolve().parents[1]
@@ -78,7 +78,7 @@ def _masks(store: str) -> list[tuple]:
 def test_two_round_run(prefect_server, ray_cluster, checkpoint, scenes, tmp_path):
     from prefect.artifacts import Artifact
 
-    from flows.data_engine import data_engine
+    from maskmill.flows.data_engine import data_engine
 
     images, annotations = scenes
     store = str(tmp_path / "store")
@@ -140,7 +140,7 @@ def _cli(store: str, images: str, annotations: str, checkpoint: str, address: st
     return [
         sys.executable,
         "-m",
-        "flows.cli",
+        "maskmill.flows.cli",
         "run",
         "--store",
         store,
@@ -179,7 +179,7 @@ def test_kill_and_resume_gives_the_masks_of_an_uninterrupted_run(
 ):
     """Five SIGKILLs at random moments, each followed by a rerun of the same command, end with
     exactly the masks of an uninterrupted run (ids, stages, pixels)."""
-    from flows.data_engine import data_engine
+    from maskmill.flows.data_engine import data_engine
 
     images, annotations = scenes
     reference = str(tmp_path / "reference")
@@ -233,7 +233,7 @@ def test_kill_and_resume_gives_the_masks_of_an_uninterrupted_run(
 def test_bad_images_are_recorded_and_the_round_completes(
     prefect_server, ray_cluster, checkpoint, tmp_path
 ):
-    from flows.data_engine import data_engine
+    from maskmill.flows.data_engine import data_engine
 
     folder = tmp_path / "images"
     paths = make_image_files(folder)

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from engine.annotators import SimulatedAnnotator, iou_matrix
-from engine.images import BadImageError, load_image
-from storage import rle
+from maskmill.engine.annotators import SimulatedAnnotator, iou_matrix
+from maskmill.engine.images import BadImageError, load_image
+from maskmill.storage import rle
 
 # ------------------------------------------------------------------------------------- images
 

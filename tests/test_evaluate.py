@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from engine.evaluate import (
+from maskmill.engine.evaluate import (
     METRIC_KEYS,
     average_recall,
     evaluate_coco,
@@ -19,9 +19,9 @@ from engine.evaluate import (
     mask_ious,
     next_click,
 )
-from engine.synthetic import write_coco
-from flows.cli import main
-from model import SamConfig, build_model, save_checkpoint
+from maskmill.engine.training.synthetic import write_coco
+from maskmill.flows.cli import main
+from maskmill.model import SamConfig, build_model, save_checkpoint
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -8,10 +8,10 @@ import pytest
 from pycocotools import mask as mask_utils
 from segment_anything import SamAutomaticMaskGenerator
 
-from engine.synthetic import photo_like
-from model import build_model, get_config
-from model.mask_generator import MaskGenerator, generate_crop_boxes
-from tests.reference import build_reference, randomize_
+from bench.reference import build_reference, randomize_
+from maskmill.engine.training.synthetic import photo_like
+from maskmill.model import build_model, get_config
+from maskmill.model.mask_generator import MaskGenerator, generate_crop_boxes
 
 # All thresholds at 0 with random weights, so every mask reaches every code path.
 OPEN = dict(points_per_side=8, pred_iou_thresh=0.0, stability_score_thresh=0.0)
@@ -155,7 +155,7 @@ TRAINED_CASES = {
 def trained_models():
     """The shipped (trained) model in both implementations: its masks are real objects, so the
     filters decide which survive, as on real photos."""
-    from model import load_default
+    from maskmill.model import load_default
 
     ours = load_default()
     reference = build_reference(ours.config)
@@ -165,7 +165,7 @@ def trained_models():
 
 @pytest.mark.parametrize("case", list(TRAINED_CASES))
 def test_parity_with_a_trained_model_at_default_thresholds(trained_models, case):
-    from engine.synthetic import scene
+    from maskmill.engine.training.synthetic import scene
 
     reference, ours = trained_models
     params = TRAINED_CASES[case]

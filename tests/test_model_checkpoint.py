@@ -9,8 +9,15 @@ import numpy as np
 import pytest
 import torch
 
-from model import CONFIGS, CheckpointError, Predictor, build_model, load_checkpoint, save_checkpoint
-from model.checkpoint import infer_config
+from maskmill.model import (
+    CONFIGS,
+    CheckpointError,
+    Predictor,
+    build_model,
+    load_checkpoint,
+    save_checkpoint,
+)
+from maskmill.model.checkpoint import infer_config
 
 
 def _shapes_only_state_dict(name: str) -> dict[str, torch.Tensor]:
@@ -27,7 +34,7 @@ def test_infer_config_recovers_every_named_config(name):
 
 def test_official_state_dict_keys_match_reference_for_vit_h():
     """The official key set: segment-anything's vit_h, built on the meta device (no memory)."""
-    from tests.reference import build_reference
+    from bench.reference import build_reference
 
     with torch.device("meta"):
         reference = build_reference(CONFIGS["vit_h"]).state_dict()

@@ -12,9 +12,9 @@ import pytest
 import torch
 from segment_anything import SamPredictor
 
-from engine.synthetic import photo_like
-from model import Predictor, build_model, get_config, load_checkpoint
-from tests.reference import build_reference, randomize_
+from bench.reference import build_reference, randomize_
+from maskmill.engine.training.synthetic import photo_like
+from maskmill.model import Predictor, build_model, get_config, load_checkpoint
 
 LOGIT_TOLERANCE = 1e-3
 IOU_TOLERANCE = 1e-4

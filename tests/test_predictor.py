@@ -8,8 +8,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from engine.synthetic import photo_like
-from model import Predictor
+from maskmill.engine.training.synthetic import photo_like
+from maskmill.model import Predictor
 
 ONE_POINT = dict(point_coords=np.array([[200.0, 150.0]]), point_labels=np.array([1]))
 

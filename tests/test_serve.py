@@ -29,19 +29,19 @@ with warnings.catch_warnings():  # starlette >= 1.0 prefers httpx2; httpx works 
     warnings.simplefilter("ignore")
     from starlette.testclient import TestClient
 
-from engine.evaluate import interior_point
-from engine.plan import ground_truth, model_bytes
-from engine.serve import create_app
-from engine.synthetic import write_coco
-from engine.web_annotator import (
+from maskmill.engine.evaluate import interior_point
+from maskmill.engine.plan import ground_truth, model_bytes
+from maskmill.engine.training.synthetic import write_coco
+from maskmill.engine.web.app import create_app
+from maskmill.engine.web.session import (
     AnnotationSession,
     WebAnnotator,
     default_round,
     resolve_model,
 )
-from flows.cli import build_parser, main
-from model import build_model, has_default, save_checkpoint
-from storage import Catalog, Store, WriterConflictError, import_coco, rle
+from maskmill.flows.cli import build_parser, main
+from maskmill.model import build_model, has_default, save_checkpoint
+from maskmill.storage import Catalog, Store, WriterConflictError, import_coco, rle
 
 REPO = Path(__file__).resolve().parents[1]
 SCREENSHOT = REPO / "docs" / "annotation_page.png"

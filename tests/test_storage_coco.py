@@ -13,7 +13,7 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from storage import (
+from maskmill.storage import (
     Catalog,
     CocoFormatError,
     GroundTruthConflictError,

@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from storage import Catalog, StageWriter, StorageError, Store, WriterConflictError, rle
+from maskmill.storage import Catalog, StageWriter, StorageError, Store, WriterConflictError, rle
 from tests.test_storage_data import STORE_KINDS, empty_store, records
 
 REPO = Path(__file__).resolve().parents[1]
@@ -65,13 +65,13 @@ def test_writer_killed_before_rename_leaves_no_partial_shard(tmp_path):
     crash = _run(
         """
         import os, signal, sys
-        import storage.store
-        from storage import StageWriter
+        import maskmill.storage.store
+        from maskmill.storage import StageWriter
 
         def die(tmp, final):  # the injected crash point: the temp file is complete
             os.kill(os.getpid(), signal.SIGKILL)
 
-        storage.store._move = die
+        maskmill.storage.store._move = die
         with StageWriter(sys.argv[1], 1, "auto") as writer:
             writer.write_masks("batch-0", records(5))
         """,
@@ -98,7 +98,7 @@ def test_writer_killed_at_any_moment_leaves_only_whole_shards(tmp_path):
     writer = _run(
         """
         import sys
-        from storage import StageWriter, masks_table
+        from maskmill.storage import StageWriter, masks_table
 
         table = masks_table(records(3000), 2, "auto")
         with StageWriter(sys.argv[1], 2, "auto") as writer:
@@ -137,7 +137,7 @@ def test_writer_in_another_process_is_refused(tmp_path):
     holder = _run(
         """
         import sys
-        from storage import StageWriter
+        from maskmill.storage import StageWriter
 
         with StageWriter(sys.argv[1], 3, "manual", owner="annotator-7"):
             print("holding", flush=True)

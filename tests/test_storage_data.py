@@ -14,7 +14,7 @@ import numpy as np
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from storage import Store, rle
+from maskmill.storage import Store, rle
 
 # (file name, width, height) of the generated images; sizes differ so size checks bite.
 IMAGES = [("a.png", 64, 48), ("b.png", 80, 60), ("sub/c.png", 50, 50), ("d.png", 40, 30)]

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from flows.cli import main
-from storage import Catalog, StageWriter, Store, compute_stats, format_stats, rle
-from storage.images import ImageInfo, images_table
-from storage.plots import plot_stats
-from storage.writer import utc_now
+from maskmill.flows.cli import main
+from maskmill.storage import Catalog, StageWriter, Store, compute_stats, format_stats, rle
+from maskmill.storage.images import ImageInfo, images_table
+from maskmill.storage.plots import plot_stats
+from maskmill.storage.writer import utc_now
 from tests.test_storage_data import STORE_KINDS, empty_store, make_coco
 
 

@@ -8,7 +8,13 @@ import numpy as np
 import pytest
 from pycocotools.coco import COCO
 
-from engine.synthetic import CATEGORY_OBJECT, CATEGORY_PART, photo_like, scene, write_coco
+from maskmill.engine.training.synthetic import (
+    CATEGORY_OBJECT,
+    CATEGORY_PART,
+    photo_like,
+    scene,
+    write_coco,
+)
 
 
 def test_photo_like_is_kept():
@@ -113,7 +119,7 @@ def test_write_coco_round_trips(tmp_path):
 
 
 def test_scenes_cli_writes_a_coco_dataset(tmp_path):
-    from flows.cli import main
+    from maskmill.flows.cli import main
 
     assert main(["scenes", "--out", str(tmp_path / "a"), "--count", "3", "--size", "96"]) == 0
     assert (

@@ -8,11 +8,17 @@ import numpy as np
 import pytest
 import torch
 
-from engine.synthetic import scene
-from engine.train import TrainConfig, learning_rate, load_state, pretrain, training_sample
-from model import SamConfig, build_model
-from model.losses import dice_loss, focal_loss, iou_loss, mask_iou, mask_loss
-from model.prompt_simulation import (
+from maskmill.engine.training.pretrain import (
+    TrainConfig,
+    learning_rate,
+    load_state,
+    pretrain,
+    training_sample,
+)
+from maskmill.engine.training.synthetic import scene
+from maskmill.model import SamConfig, build_model
+from maskmill.model.losses import dice_loss, focal_loss, iou_loss, mask_iou, mask_loss
+from maskmill.model.prompt_simulation import (
     SimulationConfig,
     iteration_schedule,
     low_res_targets,
@@ -349,8 +355,8 @@ def test_pretrain_resumes_exactly(tmp_path):
 
 
 def test_pretrain_cli_writes_a_loadable_checkpoint_and_resumes(tmp_path, capsys):
-    from flows.cli import main
-    from model import load_checkpoint
+    from maskmill.flows.cli import main
+    from maskmill.model import load_checkpoint
 
     state, out = tmp_path / "state.pt", tmp_path / "model.pt"
     common = ["--state", str(state), "--out", str(out), "--no-progress", "--threads", "1"]

@@ -19,9 +19,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from engine.synthetic import scene
-from model import Sam, build_model, load_checkpoint, save_checkpoint
-from model.prompt_simulation import (
+from maskmill.engine.training.synthetic import scene
+from maskmill.model import Sam, build_model, load_checkpoint, save_checkpoint
+from maskmill.model.prompt_simulation import (
     SimulationConfig,
     SimulationResult,
     prepare_image,
@@ -190,7 +190,7 @@ def load_state(path: str | Path) -> tuple[Sam, torch.optim.AdamW, TrainState]:
     Raises:
         ValueError: naming the file when it is missing or not a training state.
     """
-    from model import SamConfig
+    from maskmill.model import SamConfig
 
     path = Path(path)
     if not path.is_file():
@@ -324,7 +324,7 @@ def training_metadata(state: TrainState, command: str) -> dict[str, Any]:
         "steps": state.step,
         "train_seconds": round(state.seconds, 1),
         "final_train_metrics": summary,
-        "data": "engine.synthetic.scene seeds data_seed .. data_seed + steps - 1",
+        "data": "engine.training.synthetic.scene seeds data_seed .. data_seed + steps - 1",
     }
 
 

@@ -16,7 +16,7 @@ from segment_anything.modeling import (
     TwoWayTransformer,
 )
 
-from model.config import SamConfig
+from maskmill.model.config import SamConfig
 
 
 def build_reference(config: SamConfig) -> Sam:

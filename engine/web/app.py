@@ -1,9 +1,9 @@
-"""The annotation page's web app: HTTP over an :class:`~engine.web_annotator.AnnotationSession`.
+"""The annotation page's web app: HTTP over an :class:`~engine.web.session.AnnotationSession`.
 
 Endpoints (JSON in and out; every POST must be ``Content-Type: application/json``, which a
 cross-site form cannot send without a CORS preflight this app never grants)::
 
-    GET  /                                  the page (engine/static/annotate.html)
+    GET  /                                  the page (engine/web/static/annotate.html)
     GET  /api/next                          state: the image being annotated, its masks
     GET  /api/images/{image_id}             the image (PNG, or JPEG when large); store ids only
     POST /api/images/{image_id}/predict     {points: [[x, y, label], ...], box: [x0, y0, x1, y1]
@@ -38,8 +38,8 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
-from engine.web_annotator import MAX_POINTS, AnnotationSession, SessionError, finite
-from storage import StorageError, WriterConflictError
+from maskmill.engine.web.session import MAX_POINTS, AnnotationSession, SessionError, finite
+from maskmill.storage import StorageError, WriterConflictError
 
 log = logging.getLogger(__name__)
 MAX_BODY_BYTES = 64 * 1024  # a prompt is a few hundred bytes
@@ -47,7 +47,9 @@ MAX_BODY_BYTES = 64 * 1024  # a prompt is a few hundred bytes
 
 def page_html() -> str:
     """The annotation page (plain HTML + canvas + JS, shipped as package data)."""
-    return resources.files("engine").joinpath("static/annotate.html").read_text("utf-8")
+    return (
+        resources.files("maskmill.engine.web").joinpath("static/annotate.html").read_text("utf-8")
+    )
 
 
 def create_app(session: AnnotationSession, allowed_hosts: list[str] | None = None) -> Starlette:

@@ -3,7 +3,7 @@ Train's ``TorchTrainer``, saved as the store's next model version.
 
 The training set is every image with masks of the chosen stages (ground truth, manual and semi by
 default; automatic ones by option), held-out images left out. Each worker runs the training
-engineer's step (``engine.train.train_step``: encoder, SAM's 11-pass prompt simulation, focal :
+step (``engine.training.pretrain.train_step``: encoder, SAM's 11-pass prompt simulation, focal :
 dice 20 : 1 plus IoU MSE, ``loss.backward()``) on its own image of the step; gradients are
 averaged across workers with ``all_reduce`` (gloo on CPUs, NCCL with a GPU per worker), and every
 worker takes the same AdamW step, so all replicas stay equal. Which image, which masks and which
@@ -24,10 +24,10 @@ from typing import Any
 
 import numpy as np
 
-from engine.plan import Plan, evaluate_heldout, model_bytes
-from storage import Catalog, Store
-from storage.schema import STAGE_GT
-from storage.writer import utc_now
+from maskmill.engine.plan import Plan, evaluate_heldout, model_bytes
+from maskmill.storage import Catalog, Store
+from maskmill.storage.schema import STAGE_GT
+from maskmill.storage.writer import utc_now
 
 
 @dataclass
@@ -37,7 +37,8 @@ class RetrainConfig:
     Attributes:
         steps: optimiser steps (each worker contributes one image per step).
         workers: Ray Train workers (one GPU each where the cluster has GPUs).
-        lr: peak AdamW learning rate (warm-up then cosine, ``engine.train.learning_rate``).
+        lr: peak AdamW learning rate (warm-up then cosine,
+            ``engine.training.pretrain.learning_rate``).
         masks_per_image: masks of an image simulated together per step.
         freeze_image_encoder: train the prompt encoder and mask decoder only (fast on a CPU,
             and safe with the few images of a round).
@@ -121,7 +122,7 @@ def retrain(
     if samples:
         model, train_metrics = _fit(base_meta["uri"], samples, config)
     else:  # nothing new to learn from: the next version is the same weights, said so in meta
-        from model import load_checkpoint
+        from maskmill.model import load_checkpoint
 
         model, train_metrics = load_checkpoint(base_meta["uri"]), {"steps": 0}
     metrics = {
@@ -152,8 +153,8 @@ def _fit(base_uri: str, samples: list[dict[str, Any]], config: RetrainConfig):
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from engine.ray_pool import gpus_available
-    from model import load_checkpoint
+    from maskmill.engine.ray_pool import gpus_available
+    from maskmill.model import load_checkpoint
 
     scratch = tempfile.mkdtemp(prefix="maskmill-retrain-")
     try:
@@ -190,10 +191,15 @@ def _train_loop(loop_config: dict[str, Any]) -> None:
     import torch
     import torch.distributed as dist
 
-    from engine.images import load_image
-    from engine.train import TrainConfig, build_optimizer, learning_rate, train_step
-    from model import load_checkpoint, save_checkpoint
-    from storage import rle
+    from maskmill.engine.images import load_image
+    from maskmill.engine.training.pretrain import (
+        TrainConfig,
+        build_optimizer,
+        learning_rate,
+        train_step,
+    )
+    from maskmill.model import load_checkpoint, save_checkpoint
+    from maskmill.storage import rle
 
     config = RetrainConfig(
         **{**loop_config["config"], "stages": tuple(loop_config["config"]["stages"])}

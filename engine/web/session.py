@@ -2,7 +2,7 @@
 
 :class:`AnnotationSession` holds what one ``maskmill serve`` process works on: one round and
 stage (``manual`` or ``semi``) of a store, the model, the writer lease and the image being
-annotated. The web app (:mod:`engine.serve`) is a thin layer of HTTP over its methods.
+annotated. The web app (:mod:`engine.web.app`) is a thin layer of HTTP over its methods.
 
 - Images are the store's (``engine.plan.image_rows``); the next image is the first, by id, with
   no committed shard in this round and stage (``StageWriter.done``). An image is done once its
@@ -43,14 +43,14 @@ import numpy as np
 import torch
 from PIL import Image
 
-from engine.annotators import AnnotatedMask, Annotation, Annotator, Click
-from engine.generate import Generator
-from engine.images import BadImageError, load_image
-from engine.plan import ImageRow, existing_masks, image_rows
-from engine.stages import SEMI_GENERATOR, read_stored_image, stage_metrics
-from model import Predictor, Sam, has_default, load_checkpoint, load_default
-from storage import Catalog, StageWriter, Store, rle
-from storage.schema import STAGE_GT
+from maskmill.engine.annotators import AnnotatedMask, Annotation, Annotator, Click
+from maskmill.engine.generate import Generator
+from maskmill.engine.images import BadImageError, load_image
+from maskmill.engine.plan import ImageRow, existing_masks, image_rows
+from maskmill.engine.stages import SEMI_GENERATOR, read_stored_image, stage_metrics
+from maskmill.model import Predictor, Sam, has_default, load_checkpoint, load_default
+from maskmill.storage import Catalog, StageWriter, Store, rle
+from maskmill.storage.schema import STAGE_GT
 
 STAGES = ("manual", "semi")
 # Box corners in the clicks column: SAM's prompt-encoder labels for a box's two corners.
