@@ -23,7 +23,7 @@ from maskmill.engine.evaluate import evaluate_coco
 from maskmill.engine.plan import ensure_initial_model, make_plan
 from maskmill.engine.ray_pool import init_ray
 from maskmill.engine.training.retrain import RetrainConfig, retrain
-from maskmill.model import load_checkpoint, load_default
+from maskmill.model import load_checkpoint, load_model
 from maskmill.storage import Store, import_coco
 
 KEYS = ("one_click_miou_best", "one_click_miou_top1", "noc85", "noc90", "box_miou", "ar100")
@@ -71,7 +71,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
-    base = load_checkpoint(args.checkpoint) if args.checkpoint else load_default()
+    base, _ = load_model(args.checkpoint)
     with tempfile.TemporaryDirectory(prefix="maskmill-finetune-") as folder:
         train_json, test_json = split_coco(args.annotations, args.train_images, folder)
         store = Store(os.path.join(folder, "store"))

@@ -27,10 +27,10 @@ import torch
 from pycocotools import mask as mask_utils
 from segment_anything import SamAutomaticMaskGenerator
 
-from maskmill.engine.images import load_image
 from maskmill.engine.training.synthetic import photo_like
-from maskmill.model import build_model, get_config, load_checkpoint
+from maskmill.model import build_model, generator_presets, get_config, load_checkpoint
 from maskmill.model.mask_generator import MaskGenerator
+from maskmill.storage.images import load_image
 from reference import build_reference, randomize_
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -97,25 +97,27 @@ def models(args):
     return reference.eval(), ours.eval()
 
 
-def parameters(args) -> dict:
-    random_weights = args.checkpoint is None
-    params = dict(
+def parameters(args, ours) -> dict:
+    """The run's generator parameters: random weights at thresholds 0, a checkpoint at its own
+    ``auto`` preset (``generator_presets``: SAM's for an official file); options override."""
+    if args.checkpoint is None:
+        thresholds = {"pred_iou_thresh": 0.0, "stability_score_thresh": 0.0}
+    else:
+        thresholds = generator_presets(ours)["auto"]
+    for name in ("pred_iou_thresh", "stability_score_thresh"):
+        if getattr(args, name) is not None:
+            thresholds[name] = getattr(args, name)
+    return dict(
         points_per_side=args.points_per_side,
-        pred_iou_thresh=args.pred_iou_thresh
-        if args.pred_iou_thresh is not None
-        else (0.0 if random_weights else 0.88),
-        stability_score_thresh=args.stability_score_thresh
-        if args.stability_score_thresh is not None
-        else (0.0 if random_weights else 0.95),
         crop_n_layers=args.crop_n_layers,
         min_mask_region_area=args.min_mask_region_area,
+        **thresholds,
     )
-    return params
 
 
 def bench_images(args) -> None:
     reference, ours = models(args)
-    params = parameters(args)
+    params = parameters(args, ours)
     paths = sorted(p for p in Path(args.images).iterdir() if p.suffix.lower() in {".jpg", ".png"})
     paths = paths[: args.max_images] if args.max_images else paths
     reference_generator = SamAutomaticMaskGenerator(reference, output_mode="coco_rle", **params)
@@ -156,7 +158,7 @@ def bench_images(args) -> None:
 
 def bench_large_image(args) -> None:
     _, ours = models(args)
-    params = parameters(args) | {"points_per_side": 32, "crop_n_layers": 1}
+    params = parameters(args, ours) | {"points_per_side": 32, "crop_n_layers": 1}
     image = photo_like(3000, 4000, seed=0)
     records, seconds, peak = run(MaskGenerator(ours, **params).generate, image)
     print(

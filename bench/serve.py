@@ -33,7 +33,7 @@ import torch
 from maskmill.engine.training.synthetic import write_coco
 from maskmill.engine.web.app import create_app
 from maskmill.engine.web.session import AnnotationSession
-from maskmill.model import build_model, has_default, load_checkpoint, load_default
+from maskmill.model import build_model, load_model
 from maskmill.storage import import_coco
 
 with warnings.catch_warnings():  # starlette >= 1.0 prefers httpx2; httpx works the same here
@@ -57,11 +57,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    if args.checkpoint:
-        model, name = load_checkpoint(args.checkpoint), args.checkpoint
-    elif has_default():
-        model, name = load_default(), "shipped default"
-    else:
+    try:
+        model, name = load_model(args.checkpoint)
+    except FileNotFoundError:
         model, name = build_model("tiny", seed=0), "random tiny (no default shipped; same cost)"
 
     work = Path(tempfile.mkdtemp(prefix="maskmill-bench-serve-"))

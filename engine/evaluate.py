@@ -33,9 +33,9 @@ import torch
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from maskmill.engine.images import load_image
 from maskmill.model import Predictor, Sam
 from maskmill.model.mask_generator import MaskGenerator
+from maskmill.storage.images import load_image
 
 MAX_CLICKS = 20
 # Proposal settings: every grid prompt's masks compete for the top 100 / 1000 by predicted IoU,
@@ -348,3 +348,125 @@ def format_table(metrics: dict[str, Any]) -> str:
             text = str(value)
         lines.append(f"{label:<{width}}  {text}")
     return "\n".join(lines)
+
+
+# ------------------------------------------------------------------- generator preset calibration
+
+
+@dataclass
+class PresetCalibration:
+    """What :func:`calibrate_presets` decided, for the model's meta.
+
+    Attributes:
+        presets: ``{"auto": {...}, "semi": {...}}``, the new model's generator presets.
+        quality_bar: per preset, the mean best IoU with a ground-truth object that the kept
+            masks must reach (measured once, on the first model, and carried forward).
+        report: per preset, ``{"calibrated": bool, "masks": n kept, "quality": mean IoU}``.
+    """
+
+    presets: dict[str, dict[str, Any]]
+    quality_bar: dict[str, float]
+    report: dict[str, dict[str, Any]]
+
+
+def proposal_quality(
+    model: Sam,
+    samples: list[tuple[np.ndarray, list[dict[str, Any]]]],
+    generator_options: dict[str, Any],
+    stability_score_thresh: float = 0.0,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Every mask the generator proposes on ``samples`` (images with ground-truth RLEs), with no
+    predicted-IoU filter: (predicted IoU, stability, best IoU with a ground-truth object), each
+    (N,). NMS ranks by predicted IoU, so the masks a threshold ``t`` keeps are exactly those of
+    these with predicted IoU > ``t``."""
+    from pycocotools import mask as mask_utils
+
+    options = {
+        **generator_options,
+        "pred_iou_thresh": 0.0,
+        "stability_score_thresh": stability_score_thresh,
+    }
+    generator = MaskGenerator(model, **options)
+    predicted, stability, best = [], [], []
+    with torch.inference_mode():
+        for image, truth in samples:
+            records = generator.generate(image)
+            if not records or not truth:
+                continue
+            ious = mask_utils.iou(
+                [r["segmentation"] for r in records], list(truth), [0] * len(truth)
+            )
+            predicted += [r["predicted_iou"] for r in records]
+            stability += [r["stability_score"] for r in records]
+            best += list(np.asarray(ious).max(axis=1))
+    return np.asarray(predicted), np.asarray(stability), np.asarray(best, dtype=np.float64)
+
+
+def calibrate_presets(
+    model: Sam,
+    presets: dict[str, dict[str, Any]],
+    samples: list[tuple[np.ndarray, list[dict[str, Any]]]],
+    generator_options: dict[str, Any],
+    quality_bar: dict[str, float] | None = None,
+    base: Sam | None = None,
+    min_masks: int = 5,
+) -> PresetCalibration:
+    """Re-express a base model's generator presets in ``model``'s own predicted-IoU units.
+
+    A retrained model's IoU head shifts: the same threshold keeps different masks. The quality
+    bar of a preset is the mean best IoU with a ground-truth object of the masks the base model
+    keeps at it on the held-out ``samples`` (measured once with ``base``, then carried in the
+    metadata as ``quality_bar``). ``model``'s new ``pred_iou_thresh`` is the lowest at which
+    its kept masks (same stability threshold) reach that bar, so a better model keeps more
+    masks of the same quality; the threshold sits midway between the last mask kept and the
+    first left out. A preset stays as it was when the bar cannot be measured or
+    reached with at least ``min_masks`` masks.
+
+    Args:
+        model: the new model.
+        presets: its base's presets (``generator_presets(base)``).
+        samples: held-out (H, W, 3) uint8 images with their ground-truth COCO RLEs.
+        generator_options: the stages' grid (``engine.stages.STAGE_GENERATOR``).
+        quality_bar: the bars carried from earlier calibrations; missing ones are measured
+            with ``base``.
+        base: the base model (needed only to measure a missing bar).
+        min_masks: fewest kept masks a bar or a threshold is decided on.
+    """
+    bars = dict(quality_bar or {})
+    new_presets = {name: dict(values) for name, values in presets.items()}
+    report: dict[str, dict[str, Any]] = {}
+    lowest_stability = min(float(p["stability_score_thresh"]) for p in presets.values())
+    ours = proposal_quality(model, samples, generator_options, lowest_stability)
+    theirs = None
+    for name, preset in presets.items():
+        iou_thresh = float(preset["pred_iou_thresh"])
+        stability_thresh = float(preset["stability_score_thresh"])
+        if name not in bars and base is not None:
+            if theirs is None:
+                theirs = proposal_quality(base, samples, generator_options, lowest_stability)
+            predicted, stability, best = theirs
+            kept = (predicted > iou_thresh) & (stability >= stability_thresh)
+            if kept.sum() >= min_masks:
+                bars[name] = float(best[kept].mean())
+        predicted, stability, best = ours
+        report[name] = {"calibrated": False}
+        if name not in bars:
+            continue
+        usable = stability >= stability_thresh
+        order = np.argsort(-predicted[usable], kind="stable")
+        scores, quality = predicted[usable][order], best[usable][order]
+        # Keeping the top k masks: mean quality of each prefix; the threshold sits just below
+        # the k-th predicted IoU. Take the largest k that meets the bar.
+        means = np.cumsum(quality) / np.arange(1, len(quality) + 1)
+        enough = np.arange(1, len(means) + 1) >= min_masks
+        meets = np.flatnonzero((means >= bars[name] - 1e-9) & enough)  # 1e-9: float sums
+        if not len(meets):
+            continue
+        k = int(meets[-1]) + 1
+        # Midway between the last mask kept and the first left out: the widest margin on
+        # both sides, rather than a threshold pressed against these few images' scores.
+        below = float(scores[k]) if k < len(scores) else 0.0
+        threshold = float(np.floor((float(scores[k - 1]) + below) / 2 * 1000) / 1000)
+        new_presets[name]["pred_iou_thresh"] = min(max(threshold, 0.0), 1.0)
+        report[name] = {"calibrated": True, "masks": k, "quality": float(means[k - 1])}
+    return PresetCalibration(new_presets, bars, report)

@@ -15,50 +15,24 @@ from __future__ import annotations
 
 import hashlib
 import io
-import posixpath
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-import fsspec
 import numpy as np
 import torch
 
 from maskmill.engine.evaluate import evaluate_interactive
-from maskmill.engine.images import BadImageError, load_image
-from maskmill.model import Predictor, has_default, load_checkpoint, load_default
+from maskmill.model import Predictor, generator_presets, load_model
 from maskmill.model.checkpoint import checkpoint_payload
-from maskmill.storage import Catalog, StageWriter, Store, rle
-from maskmill.storage.images import ImageInfo, images_table, read_image_info
-from maskmill.storage.schema import STAGE_GT
+from maskmill.storage import Store, rle
+from maskmill.storage.images import ImageInfo, load_image
+from maskmill.storage.queries import ground_truth, image_infos
 from maskmill.storage.writer import utc_now
 
-IMAGE_EXTENSIONS = (
-    ".jpg",
-    ".jpeg",
-    ".png",
-    ".gif",
-    ".bmp",
-    ".tif",
-    ".tiff",
-    ".webp",
-    ".ppm",
-    ".pgm",
-    ".pbm",
-)
-INGEST_ROUND, INGEST_STAGE = 0, "ingest"
 # Held-out evaluation: at most this many ground-truth masks per image (the largest), so that
 # evaluating a model stays a few seconds on a CPU.
 HELDOUT_MASKS_PER_IMAGE = 20
-
-
-@dataclass(frozen=True)
-class ImageRow:
-    """An image of the store: id, URI and stored pixel size (H, W)."""
-
-    image_id: str
-    uri: str
-    height: int
-    width: int
 
 
 @dataclass
@@ -73,7 +47,7 @@ class Plan:
         auto: the ids of the automatic pass (all images).
     """
 
-    images: dict[str, ImageRow]
+    images: dict[str, ImageInfo]
     heldout: list[str]
     manual: list[list[str]] = field(default_factory=list)
     semi: list[list[str]] = field(default_factory=list)
@@ -86,101 +60,6 @@ class Plan:
         if self.auto:
             out.append((len(self.manual) + len(self.semi) + 1, "auto", self.auto))
         return out
-
-
-# ----------------------------------------------------------------------------- images in a store
-
-
-def ingest_folder(store: Store, images: str, progress: bool = False) -> dict[str, int]:
-    """Register every image file under ``images`` (folder path or fsspec URL) in the images
-    table; files that are no readable image go to the failures table (round 0, stage
-    ``ingest``) with the reason. Idempotent: the same folder gives the same shards.
-
-    Returns:
-        ``{"images": registered, "failures": refused}``, or ``{"skipped": 1}`` when this
-        folder, with the same files, was registered before.
-    """
-    fs, root = fsspec.core.url_to_fs(images)
-    if not fs.isdir(root):
-        raise FileNotFoundError(f"--images {images}: no such folder")
-    paths = sorted(
-        p
-        for p in fs.find(root)
-        if p.lower().endswith(IMAGE_EXTENSIONS) and not posixpath.basename(p).startswith(".")
-    )
-    if not paths:
-        raise FileNotFoundError(
-            f"--images {images}: no image files ({', '.join(IMAGE_EXTENSIONS)}) in it"
-        )
-    # The key names the folder and its file list: a rerun on the same folder finds its shard.
-    listing = "\n".join([root, *paths]).encode()
-    key = "folder-" + hashlib.blake2b(listing, digest_size=8).hexdigest()
-    if store.fs.exists(store.shard_path("images", key)):
-        return {"skipped": 1}
-    infos: dict[str, ImageInfo] = {}
-    failures = []
-    for path in _progress(paths, "reading images", progress):
-        uri = path if fs.protocol in ("file", ("file", "local")) else fs.unstrip_protocol(path)
-        try:
-            info = read_image_info(uri)
-        except Exception as error:  # noqa: BLE001 - any unreadable file is recorded, not fatal
-            failures.append({"uri": uri, "error": _ingest_reason(uri, error)})
-            continue
-        infos.setdefault(info.image_id, info)  # the same content twice is one image
-    if failures:  # failures first: the images shard marks the folder as done
-        with StageWriter(store, INGEST_ROUND, INGEST_STAGE) as writer:
-            writer.write_failures(key, failures)
-    if infos:
-        ordered = [infos[i] for i in sorted(infos)]
-        store.write_shard("images", images_table(ordered, utc_now()), key)
-    return {"images": len(infos), "failures": len(failures)}
-
-
-def _ingest_reason(uri: str, error: Exception) -> str:
-    """The failures-table message of a file the images table cannot take."""
-    try:  # decode it fully to name the reason the way the stages do
-        load_image(uri, exif_transpose=False)
-    except BadImageError as bad:
-        return str(bad)
-    return f"{uri}: unreadable: {type(error).__name__}: {error}"
-
-
-def image_rows(store: Store) -> dict[str, ImageRow]:
-    """Every image of the store, by id."""
-    with Catalog(store) as catalog:
-        rows = catalog.con.execute(
-            "SELECT image_id, uri, height, width FROM images ORDER BY image_id"
-        ).fetchall()
-    return {r[0]: ImageRow(r[0], r[1], int(r[2]), int(r[3])) for r in rows}
-
-
-def ground_truth(store: Store) -> dict[str, list[dict[str, Any]]]:
-    """Ground-truth RLEs (round 0, stage ``gt``) of every image, by image id, in stored order."""
-    if not store.shards("masks"):
-        return {}
-    with Catalog(store) as catalog:
-        rows = catalog.con.execute(
-            f"SELECT image_id, segmentation, height, width FROM {catalog.scan('masks')} "
-            "WHERE stage = ? AND NOT iscrowd ORDER BY image_id, filename, file_row_number",
-            [STAGE_GT],
-        ).fetchall()
-    out: dict[str, list[dict[str, Any]]] = {}
-    for image_id, counts, height, width in rows:
-        out.setdefault(image_id, []).append({"size": [height, width], "counts": counts})
-    return out
-
-
-def existing_masks(store: Store, image_id: str, before_round: int) -> list[dict[str, Any]]:
-    """RLEs of the non-ground-truth masks an image got in rounds before ``before_round``."""
-    if not store.shards("masks"):
-        return []
-    with Catalog(store) as catalog:
-        rows = catalog.con.execute(
-            "SELECT segmentation, height, width FROM masks WHERE image_id = ? AND round < ? "
-            "AND stage <> ? ORDER BY round, stage, mask_id",
-            [image_id, before_round, STAGE_GT],
-        ).fetchall()
-    return [{"size": [h, w], "counts": c} for c, h, w in rows]
 
 
 # --------------------------------------------------------------------------------------- the plan
@@ -201,7 +80,7 @@ def make_plan(
     the manual and semi rounds. Without ground truth there is nothing to hold out or to simulate
     annotation from: manual and semi rounds then need an annotator of their own.
     """
-    images = image_rows(store)
+    images = image_infos(store)
     with_gt = sorted(ground_truth(store))
     ordered = sorted(with_gt, key=lambda i: _rank(seed, i))
     n_held = 0 if not ordered or holdout <= 0 else max(1, round(holdout * len(ordered)))
@@ -241,24 +120,21 @@ def ensure_initial_model(
     metas = store.model_metas()
     if metas:
         return metas[-1]
-    if checkpoint:
-        model, source = load_checkpoint(checkpoint), checkpoint
-    elif has_default():
-        model, source = load_default(), "maskmill default"
-    else:
-        raise FileNotFoundError(
-            "no --checkpoint given and this build ships no default model "
-            "(model/weights/default.pt); pass --checkpoint FILE"
-        )
+    model, source = load_model(checkpoint)
     metrics = evaluate_heldout(store, plan, model, progress=progress)
+    # The generator thresholds travel with the weights: v1 keeps its source's presets (SAM's
+    # for an official file), and every retrain starts from them.
+    presets = generator_presets(model)
     meta = {
         "round": 0,
         "source": source,
         "config": model.config.to_dict(),
+        "generator_presets": presets,
         "metrics": metrics,
         "created_at": utc_now().isoformat(),
     }
-    store.write_model(1, model_bytes(model, {"round": 0, "source": source}), meta)
+    checkpoint_meta = {"round": 0, "source": source, "generator_presets": presets}
+    store.write_model(1, model_bytes(model, checkpoint_meta), meta)
     return store.model_metas()[-1]
 
 
@@ -278,21 +154,16 @@ def evaluate_heldout(
     Returns ``{"heldout_miou": best-of-3 mean, "heldout_miou_top1": IoU-head pick,
     "heldout_masks": n}``; empty when nothing is held out.
     """
-    if not plan.heldout:
-        return {}
-    truth = ground_truth(store)
     predictor = Predictor(model)
     best, top1 = [], []
     with torch.inference_mode():
-        for image_id in _progress(plan.heldout, "held-out mIoU", progress):
-            row = plan.images[image_id]
-            objects = truth.get(image_id, [])
+        for image, objects in _progress(heldout_samples(store, plan), "held-out mIoU", progress):
             largest = np.argsort(-rle.areas(objects), kind="stable")[:HELDOUT_MASKS_PER_IMAGE]
             masks = [rle.decode(objects[i]) for i in largest]
             masks = [m for m in masks if m.any()]
             if not masks:
                 continue
-            predictor.set_image(load_image(row.uri, exif_transpose=False))
+            predictor.set_image(image)
             # One click only: the evaluation's own protocol, without its 20-click NoC loop.
             result = evaluate_interactive(predictor, np.stack(masks), max_clicks=1)
             best.append(result.one_click_best)
@@ -304,6 +175,19 @@ def evaluate_heldout(
         "heldout_miou_top1": float(np.concatenate(top1).mean()),
         "heldout_masks": int(sum(len(b) for b in best)),
     }
+
+
+def heldout_samples(
+    store: Store, plan: Plan, limit: int | None = None
+) -> Iterator[tuple[np.ndarray, list[dict[str, Any]]]]:
+    """The held-out images (the first ``limit`` with ground truth, by id), read one at a time
+    as stored ((H, W, 3) uint8 RGB, no EXIF turn), each with its ground-truth COCO RLEs."""
+    if not plan.heldout:
+        return
+    truth = ground_truth(store)
+    with_truth = [image_id for image_id in plan.heldout if truth.get(image_id)]
+    for image_id in with_truth[:limit]:
+        yield load_image(plan.images[image_id].uri, exif_transpose=False), truth[image_id]
 
 
 def _progress(items: list, desc: str, enabled: bool):

@@ -16,15 +16,7 @@ from typing import Any
 import ray
 from ray.util import ActorPool
 
-
-@dataclass(frozen=True)
-class ImageJob:
-    """One image to process: its id, URI and the (H, W) the images table recorded."""
-
-    image_id: str
-    uri: str
-    height: int
-    width: int
+from maskmill.storage.images import ImageInfo
 
 
 @dataclass
@@ -32,12 +24,13 @@ class ImageResult:
     """What an actor made of one image: records, or the reason it failed.
 
     Attributes:
+        image: the image, as the images table records it.
         records: SA-1B records of ``MaskGenerator.generate`` (None when failed).
         error: the failure message (None when it worked).
         seconds: the actor's time on the image (load + generate).
     """
 
-    job: ImageJob
+    image: ImageInfo
     records: list[dict[str, Any]] | None
     error: str | None
     seconds: float
@@ -56,9 +49,9 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
 
 
-def gpus_available() -> bool:
-    """Whether the Ray cluster has GPUs."""
-    return ray.cluster_resources().get("GPU", 0) >= 1
+def gpus_available(at_least: int = 1) -> bool:
+    """Whether the Ray cluster has at least ``at_least`` GPUs."""
+    return ray.cluster_resources().get("GPU", 0) >= at_least
 
 
 def gpus_per_actor(workers: int) -> float:
@@ -73,42 +66,42 @@ def gpus_per_actor(workers: int) -> float:
 class GeneratorActor:
     """Loads the model once and generates masks for the images it is sent."""
 
-    def __init__(self, checkpoint: str, generator_kwargs: dict[str, Any], threads: int) -> None:
+    def __init__(
+        self, checkpoint: str, preset: str, options: dict[str, Any], threads: int
+    ) -> None:
         import torch
 
-        from maskmill.engine.generate import Generator
+        from maskmill.engine.stages import stage_generator
         from maskmill.model import load_checkpoint
 
         # One actor per core: more threads each would only fight over the same cores.
         torch.set_num_threads(max(1, threads))
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.generator = Generator(load_checkpoint(checkpoint, device=device), **generator_kwargs)
+        model = load_checkpoint(checkpoint, device=device)
+        self.generator = stage_generator(model, preset, options)
         self.pid = os.getpid()
 
-    def generate(self, job: ImageJob) -> ImageResult:
-        from maskmill.engine.images import BadImageError, load_image
+    def generate(self, info: ImageInfo) -> ImageResult:
+        from maskmill.storage.images import BadImageError, load_stored_image
 
         start = time.perf_counter()
         try:
-            image = load_image(job.uri, exif_transpose=False)
-            if image.shape[:2] != (job.height, job.width):
-                raise BadImageError(
-                    job.uri,
-                    "size_changed",
-                    f"decodes to {image.shape[1]}x{image.shape[0]} "
-                    f"but the images table says {job.width}x{job.height}",
-                )
+            image = load_stored_image(info)
             records = self.generator.generate(image)
         except BadImageError as error:
-            return ImageResult(job, None, str(error), time.perf_counter() - start)
+            return ImageResult(info, None, str(error), time.perf_counter() - start)
         except Exception as error:  # noqa: BLE001 - one image's model error must not end the round
-            message = f"{job.uri}: model_error: {type(error).__name__}: {error}"
-            return ImageResult(job, None, message, time.perf_counter() - start)
-        return ImageResult(job, records, None, time.perf_counter() - start)
+            message = f"{info.uri}: model_error: {type(error).__name__}: {error}"
+            return ImageResult(info, None, message, time.perf_counter() - start)
+        return ImageResult(info, records, None, time.perf_counter() - start)
 
-    def ready(self) -> int:
-        """The actor's process id, once its model is loaded."""
-        return self.pid
+    def ready(self) -> tuple[int, dict[str, float]]:
+        """The actor's process id and its generator's thresholds, once its model is loaded."""
+        thresholds = {
+            "pred_iou_thresh": float(self.generator.pred_iou_thresh),
+            "stability_score_thresh": float(self.generator.stability_score_thresh),
+        }
+        return self.pid, thresholds
 
 
 class GeneratorPool:
@@ -116,14 +109,16 @@ class GeneratorPool:
 
     ::
 
-        with GeneratorPool(checkpoint_uri, workers=2, generator_kwargs={...}) as pool:
-            for result in pool.map(jobs):   # in completion order
+        with GeneratorPool(checkpoint_uri, workers=2, preset="auto") as pool:
+            for result in pool.map(image_infos):   # in completion order
                 ...
 
     Args:
         checkpoint: model file every actor loads (a path or URL all of them can read).
         workers: number of actors.
-        generator_kwargs: ``MaskGenerator`` parameters.
+        preset: the model's generator preset the actors use (``auto`` or ``semi``).
+        options: ``MaskGenerator`` parameters over the stage grid and the preset
+            (``engine.stages.stage_generator``).
         cpus_per_worker: Ray CPUs (and torch threads) per actor.
     """
 
@@ -131,7 +126,8 @@ class GeneratorPool:
         self,
         checkpoint: str,
         workers: int = 1,
-        generator_kwargs: dict[str, Any] | None = None,
+        preset: str = "auto",
+        options: dict[str, Any] | None = None,
         cpus_per_worker: int = 1,
     ) -> None:
         if workers < 1:
@@ -140,18 +136,22 @@ class GeneratorPool:
         started = time.perf_counter()
         self.actors = [
             GeneratorActor.options(**options).remote(
-                checkpoint, dict(generator_kwargs or {}), cpus_per_worker
+                checkpoint, preset, dict(options or {}), cpus_per_worker
             )
             for _ in range(workers)
         ]
         # Wait for every model to load, so a broken checkpoint fails here, named, not mid-run.
-        self.pids = ray.get([actor.ready.remote() for actor in self.actors])
+        ready = ray.get([actor.ready.remote() for actor in self.actors])
+        self.pids = [pid for pid, _ in ready]
+        self.thresholds: dict[str, float] = ready[0][1]
         self.start_seconds = time.perf_counter() - started
         self.pool = ActorPool(self.actors)
 
-    def map(self, jobs: Iterable[ImageJob]) -> Iterator[ImageResult]:
-        """Results of ``jobs`` in the order they finish."""
-        return self.pool.map_unordered(lambda actor, job: actor.generate.remote(job), list(jobs))
+    def map(self, images: Iterable[ImageInfo]) -> Iterator[ImageResult]:
+        """Results of ``images`` in the order they finish."""
+        return self.pool.map_unordered(
+            lambda actor, info: actor.generate.remote(info), list(images)
+        )
 
     def close(self) -> None:
         """Stop the actors (their models go with them)."""

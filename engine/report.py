@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
-from maskmill.storage import Catalog, Store
+from maskmill.storage import Store
+from maskmill.storage.queries import rounds_rows
 
 # (key in the rounds row or its metrics, column title, format)
 COLUMNS: list[tuple[str, str, str]] = [
@@ -24,17 +24,11 @@ COLUMNS: list[tuple[str, str, str]] = [
 
 def rounds_table(store: Store | str) -> list[dict[str, Any]]:
     """One dict per round and stage of the rounds table (ground truth and ingest left out),
-    with the round's metrics merged in; ``images`` is the images the stage finished."""
-    store = store if isinstance(store, Store) else Store(store)
-    with Catalog(store) as catalog:
-        columns, rows = catalog.query(
-            "SELECT round, stage, model_version, images, masks, metrics FROM rounds "
-            "WHERE stage IN ('manual', 'semi', 'auto') ORDER BY round, stage"
-        )
+    with the round's metrics merged in; ``images`` is the images the stage finished
+    (``storage.queries.images_done``)."""
     out = []
-    for row in rows:
-        record = dict(zip(columns, row, strict=True))
-        metrics = json.loads(record.pop("metrics") or "{}")
+    for record in rounds_rows(store):
+        metrics = record.pop("metrics")
         out.append({**record, **{k: v for k, v in metrics.items() if v is not None}})
     return out
 

@@ -8,106 +8,117 @@ so rerunning a killed run continues it, and rerunning a finished run changes not
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic_core import PydanticCustomError
+
 from maskmill.engine.annotators import SimulatedAnnotator
-from maskmill.engine.plan import (
-    Plan,
-    ensure_initial_model,
-    ground_truth,
-    ingest_folder,
-    make_plan,
-    model_for_round,
-)
+from maskmill.engine.plan import Plan, ensure_initial_model, make_plan, model_for_round
 from maskmill.engine.ray_pool import init_ray
-from maskmill.engine.stages import (
-    AUTO_GENERATOR,
-    DEFAULT_MODEL_AUTO,
-    DEFAULT_MODEL_SEMI,
-    SEMI_GENERATOR,
-    assisted_manual,
-    fully_automatic,
-    semi_automatic,
-)
+from maskmill.engine.stages import assisted_manual, fully_automatic, semi_automatic
 from maskmill.engine.training.retrain import RetrainConfig, retrain
-from maskmill.storage import Store, import_coco
+from maskmill.storage import Store, import_coco, ingest_folder
+from maskmill.storage.queries import ground_truth
 
 DEFAULT_WORKDIR = "out/engine"
 
 
-@dataclass
-class EngineSettings:
-    """Everything a run depends on (``maskmill run``'s options). JSON-able: ``asdict``.
+class EngineSettings(BaseModel):
+    """Everything a run depends on: ``maskmill run``'s options, the ``data_engine`` flow's
+    parameter (Prefect validates it and shows each field, with its description, in a deployment's
+    form). ``model_dump()`` gives the JSON-able dict, ``model_validate(dict)`` reads it back;
+    unknown fields are an error."""
 
-    Attributes:
-        store: store URL. Default: ``out/engine/store``.
-        images: image folder or URL; None: generated scenes with ground truth.
-        annotations: COCO instances file of ``images`` (ground truth the simulated annotator
-            and the held-out evaluation use).
-        checkpoint: starting model; None: the shipped default model.
-        manual_rounds / semi_rounds: rounds of each annotated stage; auto: the automatic pass.
-        seed: seeds the image split, retraining and the generated scenes.
-        workers: Ray actors of the automatic stage and Ray Train workers of retraining.
-        ray_address: an existing Ray cluster; None: a local one.
-        holdout: share of ground-truth images held out for the 1-click mIoU.
-        scenes, scene_size: the generated dataset when ``images`` is None.
-        retrain_steps: optimiser steps per retrain; 0 skips retraining (rounds keep the model).
-        include_auto: retrain on automatic masks too.
-        accept_iou, max_clicks: the simulated annotator's acceptance IoU and click budget.
-        points_per_side: the generators' grid side.
-        generator_options: further ``MaskGenerator`` parameters for both generators (e.g.
-            thresholds), over ``AUTO_GENERATOR`` / ``SEMI_GENERATOR``.
-        progress: tqdm progress bars.
-    """
+    model_config = ConfigDict(extra="forbid")
 
-    store: str = f"{DEFAULT_WORKDIR}/store"
-    images: str | None = None
-    annotations: str | None = None
-    checkpoint: str | None = None
-    manual_rounds: int = 2
-    semi_rounds: int = 1
-    auto: bool = True
-    seed: int = 0
-    workers: int = 2
-    ray_address: str | None = None
-    holdout: float = 0.25
-    scenes: int = 14
-    scene_size: int = 256
-    retrain_steps: int = 10
-    include_auto: bool = False
-    accept_iou: float = 0.9
-    max_clicks: int = 20
-    points_per_side: int = 16
-    progress: bool = True
-    generator_options: dict[str, Any] = field(default_factory=dict)
+    store: str = Field(
+        f"{DEFAULT_WORKDIR}/store",
+        min_length=1,
+        description="Store URL (local folder or fsspec URL) that holds the images, masks, "
+        "model versions and rounds of this run.",
+    )
+    images: str | None = Field(
+        None,
+        description="Image folder or fsspec URL. Empty: generated scenes with ground truth.",
+    )
+    annotations: str | None = Field(
+        None,
+        description="COCO instances JSON of `images`: the ground truth the simulated annotator "
+        "and the held-out evaluation use.",
+    )
+    checkpoint: str | None = Field(
+        None, description="Starting model checkpoint. Empty: the shipped default model."
+    )
+    manual_rounds: int = Field(
+        2, ge=0, description="Assisted-manual rounds (a retrain follows each)."
+    )
+    semi_rounds: int = Field(1, ge=0, description="Semi-automatic rounds (a retrain follows each).")
+    auto: bool = Field(True, description="End with the fully automatic pass over every image.")
+    seed: int = Field(
+        0,
+        ge=0,
+        description="Seeds the image split, retraining and the generated scenes: same seed, "
+        "same masks.",
+    )
+    workers: int = Field(
+        2,
+        ge=1,
+        description="Ray actors of the automatic stage and Ray Train workers of retraining.",
+    )
+    ray_address: str | None = Field(
+        None, description="Address of an existing Ray cluster. Empty: a local one."
+    )
+    holdout: float = Field(
+        0.25,
+        ge=0.0,
+        lt=1.0,
+        description="Share of the ground-truth images held out for the 1-click mIoU.",
+    )
+    scenes: int = Field(14, ge=1, description="Generated scenes when `images` is empty.")
+    scene_size: int = Field(256, ge=16, description="Side in pixels of the generated scenes.")
+    retrain_steps: int = Field(
+        10,
+        ge=0,
+        description="Optimiser steps per retrain; 0 turns retraining off (rounds keep the model).",
+    )
+    include_auto: bool = Field(False, description="Retrain on the automatic masks too.")
+    accept_iou: float = Field(
+        0.9,
+        gt=0.0,
+        le=1.0,
+        description="IoU with the ground truth at which the simulated annotator accepts a mask.",
+    )
+    max_clicks: int = Field(
+        20, ge=1, description="Clicks the simulated annotator spends on an object at most."
+    )
+    points_per_side: int = Field(
+        16, ge=1, description="Side of the generators' point grid (side x side prompts)."
+    )
+    progress: bool = Field(True, description="Show tqdm progress bars.")
+    # A plain default, not default_factory, so the form shows it; pydantic copies it per instance.
+    generator_options: dict[str, Any] = Field(
+        {},
+        description="Further MaskGenerator parameters for both generators (e.g. "
+        "pred_iou_thresh, stability_score_thresh), over the model's presets.",
+    )
 
-    def __post_init__(self) -> None:
-        for name in ("manual_rounds", "semi_rounds", "retrain_steps", "scenes"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.workers < 1:
-            raise ValueError(f"workers must be at least 1, got {self.workers}")
+    @model_validator(mode="after")
+    def _check_sources(self) -> EngineSettings:
+        # PydanticCustomError, not ValueError: its message is shown as is ("Value error, "-free).
         if self.annotations and not self.images:
-            raise ValueError("--annotations needs --images (the folder its file_names are in)")
-        if self.images and not self.annotations and (self.manual_rounds or self.semi_rounds):
-            raise ValueError(
-                "manual and semi rounds need ground truth for the simulated annotator: pass "
-                "--annotations COCO.json, or --manual-rounds 0 --semi-rounds 0 for the "
-                "automatic pass alone"
+            raise PydanticCustomError(
+                "annotations_without_images",
+                "annotations needs images (the folder its file_names are in)",
             )
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> EngineSettings:
-        """Settings from ``asdict`` output (unknown keys are an error naming them)."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown engine settings {unknown}; known: {sorted(known)}")
-        return cls(**values)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        if self.images and not self.annotations and (self.manual_rounds or self.semi_rounds):
+            raise PydanticCustomError(
+                "rounds_without_ground_truth",
+                "manual and semi rounds need ground truth for the simulated annotator: give "
+                "annotations (a COCO instances file), or set manual_rounds and semi_rounds to 0 "
+                "for the automatic pass alone",
+            )
+        return self
 
 
 def prepare(settings: EngineSettings) -> dict[str, Any]:
@@ -176,11 +187,9 @@ def annotate_round(settings: EngineSettings, round_: int) -> dict[str, Any]:
         raise ValueError(f"round {round_} is not in the plan (rounds {sorted(rounds)})")
     stage, ids = rounds[round_]
     meta = model_for_round(store, round_)
-    grid = {"points_per_side": settings.points_per_side, **settings.generator_options}
-    # SAM's thresholds suit SAM's models; the shipped small model has its own (see stages).
-    shipped = settings.checkpoint is None
-    auto_defaults = {**AUTO_GENERATOR, **(DEFAULT_MODEL_AUTO if shipped else {})}
-    semi_defaults = {**SEMI_GENERATOR, **(DEFAULT_MODEL_SEMI if shipped else {})}
+    # The thresholds are the model's own presets (stored with its weights); the user's
+    # generator options override them.
+    options = {"points_per_side": settings.points_per_side, **settings.generator_options}
     if stage == "auto":
         init_ray(settings.ray_address)
         return fully_automatic(
@@ -190,7 +199,7 @@ def annotate_round(settings: EngineSettings, round_: int) -> dict[str, Any]:
             ids,
             meta,
             settings.workers,
-            {**auto_defaults, **grid},
+            options,
             settings.progress,
         )
     truth = ground_truth(store)
@@ -201,9 +210,7 @@ def annotate_round(settings: EngineSettings, round_: int) -> dict[str, Any]:
     )
     if stage == "manual":
         return assisted_manual(store, round_, plan, ids, meta, annotator, settings.progress)
-    return semi_automatic(
-        store, round_, plan, ids, meta, annotator, {**semi_defaults, **grid}, settings.progress
-    )
+    return semi_automatic(store, round_, plan, ids, meta, annotator, options, settings.progress)
 
 
 def retrain_after(settings: EngineSettings, round_: int) -> dict[str, Any] | None:

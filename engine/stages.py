@@ -25,36 +25,30 @@ import numpy as np
 import torch
 
 from maskmill.engine.annotators import Annotator
-from maskmill.engine.generate import Generator
-from maskmill.engine.images import BadImageError, load_image
-from maskmill.engine.plan import ImageRow, Plan, existing_masks
-from maskmill.engine.ray_pool import GeneratorPool, ImageJob
-from maskmill.model import Predictor, load_checkpoint
-from maskmill.storage import Catalog, StageWriter, Store
+from maskmill.engine.plan import Plan
+from maskmill.model import MaskGenerator, Predictor, Sam, load_checkpoint
+from maskmill.storage import StageWriter, Store
+from maskmill.storage.images import BadImageError, ImageInfo, load_stored_image
+from maskmill.storage.queries import existing_masks, stage_figures
 
-# The automatic stage's generator on a CPU: a 16x16 grid (SAM: 32x32) and SAM's thresholds;
-# masks covering >= 95 % of the image are dropped, as for SA-1B.
-AUTO_GENERATOR: dict[str, Any] = {
+# The stages' generator grid on a CPU: 16x16 points (SAM: 32x32); masks covering >= 95 % of the
+# image are dropped, as for SA-1B. The thresholds are not here: they are the model's own
+# (``generator_presets``: ``auto`` for the automatic stage, the stricter ``semi`` for the
+# semi-automatic pre-fill), stored with its weights.
+STAGE_GENERATOR: dict[str, Any] = {
     "points_per_side": 16,
     "points_per_batch": 64,
-    "pred_iou_thresh": 0.88,
-    "stability_score_thresh": 0.95,
     "min_mask_region_area": 0,
     "max_mask_area_fraction": 0.95,
 }
-# Semi-automatic pre-fill: only confident masks, so the annotator's work is on what is missing.
-SEMI_GENERATOR: dict[str, Any] = {
-    **AUTO_GENERATOR,
-    "pred_iou_thresh": 0.92,
-    "stability_score_thresh": 0.97,
-}
-# The same roles for the small shipped model (``model.load_default``): its IoU head is calibrated
-# to its own quality (predicted IoUs stay below 0.6) and its logits are soft, so SAM's
-# thresholds keep nothing. Measured on 4 held-out generated scenes (16x16 points): predicted IoU
-# > 0.3 with stability >= 0.6 keeps 5 masks a scene whose best IoU with a whole object averages
-# 0.73 (parts of objects count as misses there); > 0.4 with >= 0.7 keeps 3, averaging 0.75.
-DEFAULT_MODEL_AUTO: dict[str, Any] = {"pred_iou_thresh": 0.3, "stability_score_thresh": 0.6}
-DEFAULT_MODEL_SEMI: dict[str, Any] = {"pred_iou_thresh": 0.4, "stability_score_thresh": 0.7}
+
+
+def stage_generator(
+    model: Sam, preset: str, options: dict[str, Any] | None = None
+) -> MaskGenerator:
+    """The mask generator of a stage: :data:`STAGE_GENERATOR`, the model's ``preset``
+    thresholds (``auto`` or ``semi``), then ``options`` (e.g. a user's thresholds) over both."""
+    return MaskGenerator.from_preset(model, preset, **{**STAGE_GENERATOR, **(options or {})})
 
 
 def assisted_manual(
@@ -82,14 +76,15 @@ def semi_automatic(
     image_ids: list[str],
     model_meta: dict[str, Any],
     annotator: Annotator,
-    generator_kwargs: dict[str, Any] | None = None,
+    generator_options: dict[str, Any] | None = None,
     progress: bool = False,
 ) -> dict[str, Any]:
-    """Round ``round_`` of semi-automatic annotation: the generator (``SEMI_GENERATOR`` unless
-    given) pre-fills, the annotator adds the missing objects; returns its rounds row."""
-    kwargs = SEMI_GENERATOR if generator_kwargs is None else generator_kwargs
+    """Round ``round_`` of semi-automatic annotation: the generator (:func:`stage_generator`,
+    the model's ``semi`` preset, ``generator_options`` over it) pre-fills, the annotator adds
+    the missing objects; returns its rounds row."""
     return _annotation_stage(
-        store, round_, "semi", plan, image_ids, model_meta, annotator, kwargs, progress
+        store, round_, "semi", plan, image_ids, model_meta, annotator, generator_options or {},
+        progress,
     )
 
 
@@ -101,23 +96,31 @@ def _annotation_stage(
     image_ids: list[str],
     model_meta: dict[str, Any],
     annotator: Annotator,
-    generator_kwargs: dict[str, Any] | None,
+    generator_options: dict[str, Any] | None,
     progress: bool,
 ) -> dict[str, Any]:
+    """A stage of annotated images; ``generator_options`` None: no pre-fill (manual), a dict:
+    the ``semi`` pre-fill with those options."""
     version = int(model_meta["version"])
     started = time.perf_counter()
+    thresholds: dict[str, float] = {}
     with StageWriter(store, round_, stage) as writer:
         todo = [plan.images[i] for i in image_ids if not writer.done(i)]
+        # One query for the stage: what earlier rounds drew on each image (shown, not redone).
+        earlier = existing_masks(store, [row.image_id for row in todo], round_)
         if todo:
             model = load_checkpoint(model_meta["uri"])
             predictor = Predictor(model)
-            generator = Generator(model, **generator_kwargs) if generator_kwargs else None
+            generator = None
+            if generator_options is not None:
+                generator = stage_generator(model, "semi", generator_options)
+                thresholds = _thresholds(generator)
         for row in _bar(todo, f"round {round_} {stage}", progress):
             image = read_stored_image(writer, row)
             if image is None:
                 continue
             records: list[dict[str, Any]] = []
-            existing = existing_masks(store, row.image_id, round_)
+            existing = list(earlier[row.image_id])
             try:
                 with torch.inference_mode():
                     if generator is not None:
@@ -136,10 +139,8 @@ def _annotation_stage(
             for index, record in enumerate(records):
                 record.update(image_id=row.image_id, index=index)
             writer.write_masks(row.image_id, records, model_version=version)
-        return writer.finish(
-            model_version=version,
-            metrics=stage_metrics(store, round_, stage, model_meta, time.perf_counter() - started),
-        )
+        metrics = stage_metrics(store, round_, stage, model_meta, time.perf_counter() - started)
+        return writer.finish(model_version=version, metrics={**metrics, **thresholds})
 
 
 def fully_automatic(
@@ -149,41 +150,41 @@ def fully_automatic(
     image_ids: list[str],
     model_meta: dict[str, Any],
     workers: int = 1,
-    generator_kwargs: dict[str, Any] | None = None,
+    generator_options: dict[str, Any] | None = None,
     progress: bool = False,
 ) -> dict[str, Any]:
-    """The automatic pass: ``MaskGenerator`` (``AUTO_GENERATOR`` unless given) over
-    ``image_ids`` on ``workers`` Ray actors (Ray must be initialised, see
-    :func:`engine.ray_pool.init_ray`); returns its rounds row, whose metrics add
-    ``worker_seconds`` (the actors' time on this run's images), ``pool_start_seconds`` (actors
-    started, models loaded) and ``workers``."""
+    """The automatic pass: the stage generator (:func:`stage_generator`, the model's ``auto``
+    preset, ``generator_options`` over it) over ``image_ids`` on ``workers`` Ray actors (Ray
+    must be initialised, see :func:`engine.ray_pool.init_ray`); returns its rounds row, whose
+    metrics add ``worker_seconds`` (the actors' time on this run's images),
+    ``pool_start_seconds`` (actors started, models loaded), ``workers`` and the thresholds
+    used."""
+    from maskmill.engine.ray_pool import GeneratorPool  # Ray only where the actors run
+
     version = int(model_meta["version"])
-    kwargs = AUTO_GENERATOR if generator_kwargs is None else generator_kwargs
     started = time.perf_counter()
+    thresholds: dict[str, float] = {}
     with StageWriter(store, round_, "auto") as writer:
-        jobs = [
-            ImageJob(r.image_id, r.uri, r.height, r.width)
-            for r in (plan.images[i] for i in image_ids)
-            if not writer.done(r.image_id)
-        ]
+        jobs = [plan.images[i] for i in image_ids if not writer.done(i)]
         worker_seconds = pool_start_seconds = 0.0
         if jobs:
-            with GeneratorPool(model_meta["uri"], workers, kwargs) as pool:
+            with GeneratorPool(model_meta["uri"], workers, "auto", generator_options) as pool:
                 pool_start_seconds = pool.start_seconds
+                thresholds = pool.thresholds
                 for result in _bar(pool.map(jobs), f"round {round_} auto", progress, len(jobs)):
-                    job = result.job
+                    info = result.image
                     worker_seconds += result.seconds
                     if result.error is not None:
                         writer.write_failures(
-                            job.image_id,
-                            [{"image_id": job.image_id, "uri": job.uri, "error": result.error}],
+                            info.image_id,
+                            [{"image_id": info.image_id, "uri": info.uri, "error": result.error}],
                         )
                         continue
                     records = [
-                        {**r, "image_id": job.image_id, "index": i, "source": "model"}
+                        {**r, "image_id": info.image_id, "index": i, "source": "model"}
                         for i, r in enumerate(result.records)
                     ]
-                    writer.write_masks(job.image_id, records, model_version=version)
+                    writer.write_masks(info.image_id, records, model_version=version)
         return writer.finish(
             model_version=version,
             metrics={
@@ -191,28 +192,29 @@ def fully_automatic(
                 "worker_seconds": worker_seconds,
                 "pool_start_seconds": pool_start_seconds,
                 "workers": workers,
+                **thresholds,
             },
         )
 
 
-def read_stored_image(writer: StageWriter, row: ImageRow) -> np.ndarray | None:
-    """The image as stored (no EXIF turn: masks live on the stored grid), or None after writing
-    its failure."""
+def _thresholds(generator: MaskGenerator) -> dict[str, float]:
+    """The thresholds a stage's generator keeps masks at (recorded in the round's metrics)."""
+    return {
+        "pred_iou_thresh": float(generator.pred_iou_thresh),
+        "stability_score_thresh": float(generator.stability_score_thresh),
+    }
+
+
+def read_stored_image(writer: StageWriter, info: ImageInfo) -> np.ndarray | None:
+    """(H, W, 3) uint8 RGB of the image as stored (:func:`storage.images.load_stored_image`),
+    or None after writing its failure (missing, changed since ingest, unreadable)."""
     try:
-        image = load_image(row.uri, exif_transpose=False)
-        if image.shape[:2] != (row.height, row.width):
-            raise BadImageError(
-                row.uri,
-                "size_changed",
-                f"decodes to {image.shape[1]}x{image.shape[0]} but "
-                f"the images table says {row.width}x{row.height}",
-            )
+        return load_stored_image(info)
     except BadImageError as error:
         writer.write_failures(
-            row.image_id, [{"image_id": row.image_id, "uri": row.uri, "error": str(error)}]
+            info.image_id, [{"image_id": info.image_id, "uri": info.uri, "error": str(error)}]
         )
         return None
-    return image
 
 
 def stage_metrics(
@@ -224,33 +226,25 @@ def stage_metrics(
 ) -> dict[str, float | int | None]:
     """A round's figures, counted from what is stored (so a resumed round counts everything).
 
-    ``images``: images done (shards, masks or none); ``masks_per_image``; ``annotated``: masks
-    drawn with clicks; ``clicks_per_mask`` and ``seconds_per_mask`` over those; ``seconds``:
+    ``images``: images done (:func:`storage.queries.images_done`: committed, with masks or
+    none; the rounds row's ``images`` too); ``masks_per_image``; ``annotated``: masks drawn
+    with clicks; ``clicks_per_mask`` and ``seconds_per_mask`` over those; ``seconds``:
     annotation time in all; ``failures``: images refused; ``heldout_miou``: held-out 1-click
     mIoU of the model used; ``compute_seconds``: wall time of the last (possibly resumed) run.
     """
-    images = len(store.fs.glob(f"{store.table_dir('masks', round_, stage)}/part-*.parquet"))
-    with Catalog(store) as catalog:
-        masks, annotated, clicks, seconds = catalog.con.execute(
-            "SELECT count(*), count(clicks), coalesce(sum(len(clicks)), 0), "
-            "coalesce(sum(seconds), 0) FROM masks WHERE round = ? AND stage = ?",
-            [round_, stage],
-        ).fetchone()
-        (failures,) = catalog.con.execute(
-            "SELECT count(DISTINCT coalesce(image_id, uri)) FROM failures "
-            "WHERE round = ? AND stage = ?",
-            [round_, stage],
-        ).fetchone()
+    figures = stage_figures(store, round_, stage)
+    images, masks, annotated = figures["images"], figures["masks"], figures["annotated"]
+    seconds = figures["seconds"]
     model_metrics = model_meta.get("metrics") or {}
     return {
         "images": images,
-        "masks": int(masks),
+        "masks": masks,
         "masks_per_image": masks / images if images else None,
-        "annotated": int(annotated),
-        "clicks_per_mask": clicks / annotated if annotated else None,
-        "seconds": float(seconds),
+        "annotated": annotated,
+        "clicks_per_mask": figures["clicks"] / annotated if annotated else None,
+        "seconds": seconds,
         "seconds_per_mask": seconds / annotated if annotated else None,
-        "failures": int(failures),
+        "failures": figures["failures"],
         "heldout_miou": model_metrics.get("heldout_miou"),
         "compute_seconds": compute_seconds,
     }

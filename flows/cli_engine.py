@@ -6,6 +6,32 @@ import argparse
 import os
 import sys
 import time
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from pydantic import ValidationError
+
+# ``maskmill run`` options that are ``EngineSettings`` fields of the same name.
+SETTINGS_OPTIONS = (
+    "store",
+    "images",
+    "annotations",
+    "checkpoint",
+    "manual_rounds",
+    "semi_rounds",
+    "auto",
+    "seed",
+    "workers",
+    "ray_address",
+    "retrain_steps",
+    "include_auto",
+    "holdout",
+    "scenes",
+    "points_per_side",
+    "accept_iou",
+)
+# Options that go into ``EngineSettings.generator_options`` (MaskGenerator parameters).
+GENERATOR_OPTIONS = ("pred_iou_thresh", "stability_score_thresh")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -29,57 +55,63 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--store", help="store URL (default: out/engine/store)")
     parser.add_argument("--checkpoint", help="starting model (default: the shipped model)")
+    parser.add_argument("--manual-rounds", type=int, metavar="N", help="assisted-manual rounds (2)")
+    parser.add_argument("--semi-rounds", type=int, metavar="N", help="semi-automatic rounds (1)")
     parser.add_argument(
-        "--manual-rounds", type=int, default=2, metavar="N", help="assisted-manual rounds (2)"
+        "--no-auto",
+        dest="auto",
+        action="store_false",
+        default=None,
+        help="skip the fully automatic pass",
     )
-    parser.add_argument(
-        "--semi-rounds", type=int, default=1, metavar="N", help="semi-automatic rounds (1)"
-    )
-    parser.add_argument(
-        "--no-auto", dest="auto", action="store_false", help="skip the fully automatic pass"
-    )
-    parser.add_argument("--seed", type=int, default=0, help="same seed, same masks (default 0)")
-    parser.add_argument(
-        "--workers", type=int, default=2, help="Ray actors / Ray Train workers (default 2)"
-    )
+    parser.add_argument("--seed", type=int, help="same seed, same masks (default 0)")
+    parser.add_argument("--workers", type=int, help="Ray actors / Ray Train workers (default 2)")
     parser.add_argument("--ray-address", help="join this Ray cluster (default: a local one)")
     parser.add_argument(
         "--retrain-steps",
         type=int,
-        default=10,
         metavar="N",
         help="optimiser steps per retrain; 0 turns retraining off (default 10)",
     )
     parser.add_argument(
-        "--include-auto", action="store_true", help="retrain on automatic masks too"
+        "--include-auto", action="store_true", default=None, help="retrain on automatic masks too"
     )
     parser.add_argument(
-        "--holdout", type=float, default=0.25, help="share of ground-truth images held out"
+        "--holdout", type=float, help="share of ground-truth images held out (default 0.25)"
     )
-    parser.add_argument(
-        "--scenes", type=int, default=14, help="generated scenes without --images (default 14)"
-    )
-    parser.add_argument(
-        "--points-per-side", type=int, default=16, help="generator grid side (default 16)"
-    )
+    parser.add_argument("--scenes", type=int, help="generated scenes without --images (default 14)")
+    parser.add_argument("--points-per-side", type=int, help="generator grid side (default 16)")
     parser.add_argument(
         "--pred-iou-thresh",
         type=float,
-        help="generators' predicted-IoU threshold (default: auto 0.88, semi 0.92)",
+        help="generators' predicted-IoU threshold (default: the model's presets)",
     )
     parser.add_argument(
         "--stability-score-thresh",
         type=float,
-        help="generators' stability threshold (default: auto 0.95, semi 0.97)",
+        help="generators' stability threshold (default: the model's presets)",
     )
     parser.add_argument(
-        "--accept-iou", type=float, default=0.9, help="simulated annotator's acceptance IoU"
+        "--accept-iou", type=float, help="simulated annotator's acceptance IoU (default 0.9)"
     )
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.set_defaults(handler=run_engine)
 
 
 def run_engine(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    from maskmill.engine.run import EngineSettings
+
+    if args.images and not args.store:
+        print("error: --images needs --store (where its masks go)", file=sys.stderr)
+        return 2
+    try:
+        settings = EngineSettings.model_validate(settings_values(args))
+    except ValidationError as error:
+        for line in validation_lines(error):
+            print(line, file=sys.stderr)
+        return 2
     # Prefect's temporary server waits 20 s for itself by default; on a busy 2-core machine it
     # takes longer, so allow 2 minutes unless the user set it.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
@@ -89,44 +121,33 @@ def run_engine(args: argparse.Namespace) -> int:
     from maskmill.engine.report import format_rounds
     from maskmill.flows.data_engine import data_engine
 
-    if args.images and not args.store:
-        print("error: --images needs --store (where its masks go)", file=sys.stderr)
-        return 2
-    generator_options = {
-        name: value
-        for name, value in (
-            ("pred_iou_thresh", args.pred_iou_thresh),
-            ("stability_score_thresh", args.stability_score_thresh),
-        )
-        if value is not None
-    }
     started = time.perf_counter()
     try:
-        rows = data_engine(
-            store=args.store,
-            images=args.images,
-            annotations=args.annotations,
-            checkpoint=args.checkpoint,
-            manual_rounds=args.manual_rounds,
-            semi_rounds=args.semi_rounds,
-            auto=args.auto,
-            seed=args.seed,
-            workers=args.workers,
-            ray_address=args.ray_address,
-            retrain_steps=args.retrain_steps,
-            options={
-                "include_auto": args.include_auto,
-                "holdout": args.holdout,
-                "scenes": args.scenes,
-                "points_per_side": args.points_per_side,
-                "accept_iou": args.accept_iou,
-                "generator_options": generator_options,
-                "progress": not args.quiet,
-            },
-        )
+        rows = data_engine(settings)
     except (ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(format_rounds(rows))
     print(f"done in {time.perf_counter() - started:.0f} s")
     return 0
+
+
+def settings_values(args: argparse.Namespace) -> dict[str, Any]:
+    """The ``EngineSettings`` fields the command line sets; an option not given (None) is left
+    out, so the settings' own default applies (the one place defaults live)."""
+    values = {name: getattr(args, name) for name in SETTINGS_OPTIONS}
+    values["generator_options"] = {
+        name: getattr(args, name) for name in GENERATOR_OPTIONS if getattr(args, name) is not None
+    } or None
+    values["progress"] = False if args.quiet else None
+    return {name: value for name, value in values.items() if value is not None}
+
+
+def validation_lines(error: ValidationError) -> list[str]:
+    """One ``error: <field>: <message>`` line per problem of invalid settings (no field for a
+    rule between fields, whose message names them)."""
+    lines = []
+    for problem in error.errors():
+        field = ".".join(str(part) for part in problem["loc"])
+        lines.append(f"error: {field}: {problem['msg']}" if field else f"error: {problem['msg']}")
+    return lines

@@ -62,15 +62,13 @@ def run_segment(args: argparse.Namespace) -> int:
     import torch
     from PIL import Image
 
-    from maskmill.engine.images import load_image
     from maskmill.engine.overlay import render_overlay
     from maskmill.engine.training.synthetic import photo_like
-    from maskmill.model import Predictor, build_model, has_default, load_checkpoint, load_default
+    from maskmill.model import Predictor, build_model, has_default, load_model
+    from maskmill.storage.images import load_image
 
-    if args.checkpoint:
-        model, model_name = load_checkpoint(args.checkpoint), args.checkpoint
-    elif has_default():
-        model, model_name = load_default(), "the shipped default model"
+    if args.checkpoint or has_default():
+        model, model_name = load_model(args.checkpoint)
     else:
         model, model_name = build_model(args.config, seed=0), f"random-weight {args.config}"
         print(

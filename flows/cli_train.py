@@ -179,10 +179,10 @@ def _register_eval(subparsers: argparse._SubParsersAction) -> None:
 
 def run_eval(args: argparse.Namespace) -> int:
     from maskmill.engine.evaluate import evaluate_coco, format_table
-    from maskmill.model import load_checkpoint, load_default
+    from maskmill.model import load_model
 
     try:
-        model = load_checkpoint(args.checkpoint) if args.checkpoint else load_default()
+        model, _ = load_model(args.checkpoint)
         metrics = evaluate_coco(
             model,
             args.annotations,

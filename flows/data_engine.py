@@ -27,23 +27,28 @@ TASK_OPTIONS: dict[str, Any] = {"retries": 2, "retry_delay_seconds": 2, "cache_p
 
 
 @task(name="prepare-store", **TASK_OPTIONS)
-def prepare_task(settings: dict[str, Any]) -> dict[str, Any]:
-    return prepare(EngineSettings.from_dict(settings))
+def prepare_task(settings: EngineSettings) -> dict[str, Any]:
+    return prepare(settings)
 
 
 @task(name="run-stage", **TASK_OPTIONS)
-def stage_task(settings: dict[str, Any], round_: int) -> dict[str, Any]:
-    return _jsonable(annotate_step(EngineSettings.from_dict(settings), round_))
+def stage_task(settings: EngineSettings, round_: int) -> dict[str, Any]:
+    return _jsonable(annotate_step(settings, round_))
 
 
 @task(name="train-next-model", **TASK_OPTIONS)
-def retrain_task(settings: dict[str, Any], round_: int) -> dict[str, Any] | None:
-    return retrain_after(EngineSettings.from_dict(settings), round_)
+def retrain_task(settings: EngineSettings, round_: int) -> dict[str, Any] | None:
+    return retrain_after(settings, round_)
 
 
 @flow(name="annotate_round")
-def annotate_round(settings: dict[str, Any], round_: int) -> dict[str, Any]:
-    """One round of the plan (manual, semi or auto, as the plan says) with the newest model."""
+def annotate_round(settings: EngineSettings, round_: int) -> dict[str, Any]:
+    """One round of the plan (manual, semi or auto, as the plan says) with the newest model.
+
+    Args:
+        settings: the run's settings (the same as its ``data_engine`` run's).
+        round_: the round to run, 1-based as in the rounds table.
+    """
     row = stage_task(settings, round_)
     metrics = json.loads(row.get("metrics") or "{}")
     get_run_logger().info(
@@ -58,8 +63,13 @@ def annotate_round(settings: dict[str, Any], round_: int) -> dict[str, Any]:
 
 
 @flow(name="retrain")
-def retrain(settings: dict[str, Any], round_: int) -> dict[str, Any] | None:
-    """Train the next model version on the masks up to round ``round_``."""
+def retrain(settings: EngineSettings, round_: int) -> dict[str, Any] | None:
+    """Train the next model version on the masks up to round ``round_``.
+
+    Args:
+        settings: the run's settings (the same as its ``data_engine`` run's).
+        round_: the last round whose masks the new model is trained on.
+    """
     meta = retrain_task(settings, round_)
     if meta is not None:
         metrics = meta.get("metrics") or {}
@@ -90,48 +100,27 @@ def stats(store: str) -> list[dict[str, Any]]:
 
 @flow(name="data_engine")
 def data_engine(
-    store: str | None = None,
-    images: str | None = None,
-    annotations: str | None = None,
-    checkpoint: str | None = None,
-    manual_rounds: int = 2,
-    semi_rounds: int = 1,
-    auto: bool = True,
-    seed: int = 0,
-    workers: int = 2,
-    ray_address: str | None = None,
-    retrain_steps: int = 10,
-    options: dict[str, Any] | None = None,
+    # An instance as the default, so a deployment's form shows each field's default; the flow
+    # never mutates it.
+    settings: EngineSettings = EngineSettings(),  # noqa: B008
 ) -> list[dict[str, Any]]:
     """The whole engine: assisted-manual rounds (retrain after each), semi-automatic rounds
     (retrain after each), one fully automatic pass, then the rounds table.
 
-    With no arguments: generated scenes with ground truth, the shipped model, a store under
-    ``out/engine``. ``options``: further ``EngineSettings`` fields (``holdout``,
-    ``accept_iou``, ``points_per_side``, ``progress``, ...).
+    With the default settings: generated scenes with ground truth, the shipped model, a store
+    under ``out/engine``.
+
+    Args:
+        settings: the run's settings; a dict of some of its fields is validated into one (a
+            deployment's parameters), the others keep their defaults.
     """
-    settings = EngineSettings(
-        **({"store": store} if store else {}),
-        images=images,
-        annotations=annotations,
-        checkpoint=checkpoint,
-        manual_rounds=manual_rounds,
-        semi_rounds=semi_rounds,
-        auto=auto,
-        seed=seed,
-        workers=workers,
-        ray_address=ray_address,
-        retrain_steps=retrain_steps,
-        **(options or {}),
-    ).to_dict()
     logger = get_run_logger()
     logger.info("store ready: %s", prepare_task(settings))
-    plan = plan_of(EngineSettings.from_dict(settings))
-    for round_, stage, _ in plan.rounds():
+    for round_, stage, _ in plan_of(settings).rounds():
         annotate_round(settings, round_)
         if stage != "auto":
             retrain(settings, round_)
-    return stats(settings["store"])
+    return stats(settings.store)
 
 
 def _jsonable(row: dict[str, Any]) -> dict[str, Any]:

@@ -4,10 +4,18 @@ Knows nothing of Prefect, Ray or storage.
 """
 
 from .build import build_model
-from .checkpoint import CheckpointError, has_default, load_checkpoint, load_default, save_checkpoint
+from .checkpoint import (
+    CheckpointError,
+    has_default,
+    load_checkpoint,
+    load_default,
+    load_model,
+    save_checkpoint,
+)
 from .config import CONFIGS, SamConfig, get_config
 from .mask_generator import MaskGenerator
 from .predictor import ImageEmbedding, Predictor
+from .presets import PRESET_NAMES, SAM_PRESETS, check_presets, generator_presets
 from .sam import Sam
 
 __all__ = [
@@ -15,13 +23,18 @@ __all__ = [
     "CheckpointError",
     "ImageEmbedding",
     "MaskGenerator",
+    "PRESET_NAMES",
+    "SAM_PRESETS",
     "Predictor",
     "Sam",
     "SamConfig",
     "build_model",
+    "check_presets",
+    "generator_presets",
     "get_config",
     "has_default",
     "load_checkpoint",
     "load_default",
+    "load_model",
     "save_checkpoint",
 ]

@@ -250,3 +250,24 @@ def load_default(device: str | torch.device = "cpu") -> Sam:
             "pass a checkpoint, or train one with `maskmill pretrain`"
         )
     return load_checkpoint(str(DEFAULT_CHECKPOINT), device=device)
+
+
+DEFAULT_SOURCE = "maskmill default"
+
+
+def load_model(
+    checkpoint: str | None = None, device: str | torch.device = "cpu"
+) -> tuple[Sam, str]:
+    """``checkpoint`` if given, else the shipped default model: the one way every command and
+    stage picks its starting model.
+
+    Returns:
+        (model, source): ``source`` is ``checkpoint`` or ``"maskmill default"``.
+
+    Raises:
+        CheckpointError: the checkpoint cannot be loaded.
+        FileNotFoundError: no checkpoint given and this build ships no default model.
+    """
+    if checkpoint:
+        return load_checkpoint(checkpoint, device=device), checkpoint
+    return load_default(device=device), DEFAULT_SOURCE

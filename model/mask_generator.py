@@ -8,8 +8,12 @@ the result is the same, computed faster:
 * survivors are upsampled, scored, thresholded, boxed and RLE-encoded in chunks of
   ``upsample_chunk`` masks, so peak memory is bounded by the chunk and ``points_per_batch``, not
   by the grid;
-* RLE, areas and boxes come from pycocotools on whole chunks (C loops, no per-pixel Python);
+* RLE and boxes come from pycocotools on whole chunks (C loops, no per-pixel Python); areas are
+  counted on the chunk's masks while they are encoded;
 * crops of all images go through the encoder in batches (``generate_batch``).
+
+``MaskGenerator.from_preset(model, "auto" | "semi")`` keeps masks at the model's own thresholds,
+stored with its weights (:mod:`maskmill.model.presets`).
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from pycocotools import mask as mask_utils
 from torchvision.ops import box_area, nms
 
 from .predictor import ImageEmbedding, Predictor
+from .presets import PRESET_NAMES, generator_presets
 from .sam import Sam
 from .transforms import scale_coords, to_rgb_uint8
 
@@ -141,6 +146,7 @@ class _Masks:
     """Columns of kept masks; boxes XYXY inclusive, in full-image pixels."""
 
     rles: list[dict[str, Any]] = field(default_factory=list)
+    areas: list[torch.Tensor] = field(default_factory=list)  # pixels, counted while encoding
     boxes: list[torch.Tensor] = field(default_factory=list)
     iou_preds: list[torch.Tensor] = field(default_factory=list)
     stability: list[torch.Tensor] = field(default_factory=list)
@@ -153,7 +159,7 @@ class _Masks:
 
     def columns(self) -> dict[str, Any]:
         out: dict[str, Any] = {"rles": self.rles}
-        for name in ("boxes", "iou_preds", "stability", "points", "crop_boxes"):
+        for name in ("areas", "boxes", "iou_preds", "stability", "points", "crop_boxes"):
             parts = getattr(self, name)
             out[name] = torch.cat(parts) if parts else torch.zeros(0)
         return out
@@ -230,6 +236,14 @@ class MaskGenerator:
         self.max_mask_area_fraction = max_mask_area_fraction
         self.upsample_chunk = upsample_chunk
         self.encoder_batch_size = encoder_batch_size
+
+    @classmethod
+    def from_preset(cls, model: Sam, preset: str = "auto", **overrides: Any) -> MaskGenerator:
+        """A generator at the model's own thresholds: ``generator_presets(model)[preset]``
+        (``auto`` or ``semi``, see :mod:`maskmill.model.presets`), then ``overrides``."""
+        if preset not in PRESET_NAMES:
+            raise ValueError(f"preset must be one of {PRESET_NAMES}, got {preset!r}")
+        return cls(model, **{**generator_presets(model)[preset], **overrides})
 
     # ----------------------------------------------------------------------------------- public
 
@@ -358,6 +372,7 @@ class MaskGenerator:
             if any(pad):
                 masks = torch.nn.functional.pad(masks, pad, value=False)
             out.rles.extend(encode_rles(masks))
+            out.areas.append(masks.flatten(1).sum(1, dtype=torch.int64).cpu())
             out.boxes.append(boxes.cpu())
             out.iou_preds.append(chunk_iou.float().cpu())
             out.stability.append(stability.float().cpu())
@@ -384,10 +399,7 @@ class MaskGenerator:
         if self.min_mask_region_area > 0:
             columns = self._remove_small_regions(columns)
         records = []
-        # pycocotools 2.0.11's area() keeps the count of masks in a uint8 under NumPy 2, so it
-        # raises for 256 masks or more: call it on slices.
-        rles = columns["rles"]
-        areas = [a for i in range(0, len(rles), 255) for a in mask_utils.area(rles[i : i + 255])]
+        areas = columns["areas"].tolist()
         bboxes = mask_utils.toBbox(columns["rles"]) if columns["rles"] else []
         image_area = image_size[0] * image_size[1]
         for i, rle in enumerate(columns["rles"]):
@@ -415,7 +427,7 @@ class MaskGenerator:
 
         One mask is decoded at a time, so memory does not grow with the number of masks."""
         area = self.min_mask_region_area
-        boxes, unchanged, new_rles = [], [], []
+        boxes, unchanged, new_rles, areas = [], [], [], []
         for rle in columns["rles"]:
             mask = mask_utils.decode(rle).astype(bool)
             mask, holes_changed = remove_small_regions(mask, area, "holes")
@@ -425,10 +437,16 @@ class MaskGenerator:
             boxes.append(masks_to_boxes(tensor))
             unchanged.append(0.0 if changed else 1.0)
             new_rles.append(encode_rles(tensor)[0] if changed else rle)
+            areas.append(int(mask.sum()))
         keep = nms(
             torch.cat(boxes).float(),
             torch.tensor(unchanged),
             max(self.box_nms_thresh, self.crop_nms_thresh),
         )
-        columns = dict(columns, rles=new_rles, boxes=torch.cat(boxes))
+        columns = dict(
+            columns,
+            rles=new_rles,
+            boxes=torch.cat(boxes),
+            areas=torch.tensor(areas, dtype=torch.int64),
+        )
         return _select(columns, keep)

@@ -125,7 +125,8 @@ def sample_points(region: torch.Tensor, generator: torch.Generator | None = None
     if not flat.any(dim=1).all():
         raise ValueError("cannot sample a point from an empty region")
     # The argmax of iid uniform scores over the region's pixels is a uniform draw among them.
-    scores = torch.rand(flat.shape, generator=generator, device=flat.device)
+    # Drawn on the CPU (where the seeded generator lives), so a GPU run draws the same clicks.
+    scores = torch.rand(flat.shape, generator=generator).to(flat.device)
     index = torch.where(flat, scores, -1.0).argmax(dim=1)
     width = region.shape[-1]
     return torch.stack([index % width, index // width], dim=1).float()
@@ -188,7 +189,7 @@ def noisy_boxes(
     x1 = torch.where(cols, arange_x, -1).amax(1)
     boxes = torch.stack([x0, y0, x1, y1], dim=1).float()
     side = torch.stack([x1 - x0, y1 - y0, x1 - x0, y1 - y0], dim=1).float() + 1
-    jitter = torch.randn(boxes.shape, generator=generator, device=masks.device) * side * noise
+    jitter = torch.randn(boxes.shape, generator=generator).to(masks.device) * side * noise
     boxes = boxes + jitter.clamp(-max_noise, max_noise)
     boxes[:, 0::2] = boxes[:, 0::2].clamp(0, width - 1)
     boxes[:, 1::2] = boxes[:, 1::2].clamp(0, height - 1)
@@ -229,7 +230,7 @@ def simulate(
             each with at least one pixel inside ``input_size``.
         input_size: (H, W) of the resized image inside the padded frame; clicks stay inside it.
         config: simulation settings (SAM's by default).
-        generator: random source, for reproducible prompts.
+        generator: CPU random source, for reproducible prompts (the same on any device).
 
     Returns:
         The :class:`SimulationResult`.

@@ -1,9 +1,11 @@
 """maskmill storage: Parquet shards on any fsspec URL, a DuckDB catalog, statistics, plots,
-COCO and SA-1B import and export. Imports neither prefect nor ray."""
+COCO and SA-1B import, folder ingest and export, the one image reader (``storage.images``) and
+the questions the engine asks (``storage.queries``). Imports neither prefect nor ray."""
 
 from maskmill.storage.catalog import Catalog
 from maskmill.storage.coco import ImportResult, export_coco, export_sa1b, import_coco
 from maskmill.storage.errors import (
+    BadImageError,
     CocoFormatError,
     GroundTruthConflictError,
     MaskSizeError,
@@ -12,7 +14,8 @@ from maskmill.storage.errors import (
     ValidationErrors,
     WriterConflictError,
 )
-from maskmill.storage.images import ImageInfo, read_image_info
+from maskmill.storage.images import ImageInfo, load_image, read_image_info
+from maskmill.storage.ingest import ingest_folder
 from maskmill.storage.lease import StageLease
 from maskmill.storage.rle import mask_id
 from maskmill.storage.schema import SCHEMAS
@@ -22,6 +25,7 @@ from maskmill.storage.writer import StageWriter, masks_table
 
 __all__ = [
     "SCHEMAS",
+    "BadImageError",
     "Catalog",
     "CocoFormatError",
     "GroundTruthConflictError",
@@ -40,6 +44,8 @@ __all__ = [
     "export_sa1b",
     "format_stats",
     "import_coco",
+    "ingest_folder",
+    "load_image",
     "mask_id",
     "masks_table",
     "read_image_info",

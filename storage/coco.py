@@ -1,8 +1,9 @@
 """COCO import (as ground truth) and COCO / SA-1B export.
 
 Import validates the whole file, and reads every image it names, before it writes anything: a
-malformed entry, a missing image file or a mask whose size is not its image's is an error that
-names the entry, and the store is left as it was.
+malformed entry, a missing or unusable image file (decoded whole, with the checks every stage
+makes: :func:`~storage.images.read_image_info`) or a mask whose size is not its image's is an
+error that names the entry, and the store is left as it was.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from tqdm import tqdm
 from maskmill.storage import rle
 from maskmill.storage.catalog import Catalog
 from maskmill.storage.errors import (
+    BadImageError,
     CocoFormatError,
     GroundTruthConflictError,
     MaskSizeError,
@@ -28,7 +30,7 @@ from maskmill.storage.errors import (
     StorageError,
     ValidationErrors,
 )
-from maskmill.storage.images import ImageInfo, images_table, read_image_info
+from maskmill.storage.images import ImageInfo, read_image_info
 from maskmill.storage.schema import STAGE_GT
 from maskmill.storage.store import Store
 from maskmill.storage.writer import StageWriter, masks_table, utc_now
@@ -144,10 +146,10 @@ def import_coco(
         try:
             info = read_image_info(f"{root}/{img['file_name'].lstrip('/')}")
         except MissingImageError as error:
-            errors.append(MissingImageError(f"{name}: {error}"))
+            errors.append(MissingImageError(error.uri, entry=name))
             continue
-        except StorageError as error:
-            errors.append(CocoFormatError(f"{name}: {error}"))
+        except BadImageError as error:  # the reason every stage would give, at this entry
+            errors.append(BadImageError(error.uri, error.reason, error.detail, entry=name))
             continue
         given = (img.get("width", info.width), img.get("height", info.height))
         if given != (info.width, info.height):
@@ -237,7 +239,7 @@ def import_coco(
     now = utc_now()
     with StageWriter(store, GT_ROUND, STAGE_GT, owner=f"import-coco {annotations}") as writer:
         _refuse_other_ground_truth(store, key, names)
-        images_shard = store.write_shard("images", images_table(list(infos.values()), now), key)
+        images_shard = writer.write_images(key, infos.values(), added_at=now)
         table = masks_table(records, GT_ROUND, STAGE_GT, source="gt", created_at=now)
         masks_shard = writer.write_masks(key, table)
         writer.finish()

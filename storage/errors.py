@@ -15,8 +15,37 @@ class CocoFormatError(StorageError, ValueError):
     """A COCO file is not valid JSON or an entry in it is malformed."""
 
 
-class MissingImageError(StorageError, FileNotFoundError):
-    """An image file named by an import is not there."""
+class BadImageError(StorageError, ValueError):
+    """An image file that cannot be used; ``reason`` is a short code, the message says why.
+
+    Reasons: ``missing``, ``empty``, ``not_an_image``, ``truncated``, ``too_small``,
+    ``decompression_bomb``, ``unsupported_mode``, ``unreadable`` (the file system refused it) and
+    ``size_changed`` (the file no longer decodes to the size the images table recorded). The
+    message is ``[<entry>: ]<uri>: <reason>: <detail>``; ``entry`` names where the file was
+    named (a COCO entry), when that helps the user find it.
+    """
+
+    def __init__(self, uri: str, reason: str, detail: str, entry: str | None = None) -> None:
+        where = f"{entry}: " if entry else ""
+        super().__init__(f"{where}{uri}: {reason}: {detail}")
+        self.uri = uri
+        self.reason = reason
+        self.detail = detail
+        self.entry = entry
+
+    def __reduce__(self) -> tuple:
+        # Rebuilt from its fields (the default would pass the message as ``uri``).
+        return BadImageError, (self.uri, self.reason, self.detail, self.entry)
+
+
+class MissingImageError(BadImageError, FileNotFoundError):
+    """An image file is not there (reason ``missing``)."""
+
+    def __init__(self, uri: str, entry: str | None = None) -> None:
+        super().__init__(uri, "missing", "image file not found", entry)
+
+    def __reduce__(self) -> tuple:
+        return MissingImageError, (self.uri, self.entry)
 
 
 class MaskSizeError(StorageError, ValueError):

@@ -92,6 +92,22 @@ class Store:
         self.fs.invalidate_cache()
         return sorted(self.fs.glob(self.shard_glob(table)))
 
+    def shard_keys(
+        self, table: str, round_: int | None = None, stage: str | None = None
+    ) -> list[str]:
+        """Keys of the committed shards in one table folder (one partition of a partitioned
+        table), sorted: the units of work that are done there."""
+        self.fs.invalidate_cache()
+        folder = self.table_dir(table, round_, stage)
+        names = (path.rsplit("/", 1)[1] for path in self.fs.glob(f"{folder}/part-*.parquet"))
+        return sorted(name[len("part-") : -len(".parquet")] for name in names)
+
+    def has_shard(
+        self, table: str, key: str, round_: int | None = None, stage: str | None = None
+    ) -> bool:
+        """Whether the shard of ``table`` for unit of work ``key`` is committed."""
+        return self.fs.exists(self.shard_path(table, key, round_, stage))
+
     # -- the commit protocol ----------------------------------------------------------------
     def write_shard(
         self,

@@ -1,4 +1,5 @@
-"""Writing masks, failures and round summaries of one round and stage, under a writer lease."""
+"""Writing masks, failures, images rows and round summaries of one round and stage, under a writer
+lease."""
 
 from __future__ import annotations
 
@@ -11,8 +12,9 @@ import numpy as np
 import pyarrow as pa
 
 from maskmill.storage import rle
-from maskmill.storage.catalog import Catalog
+from maskmill.storage.images import ImageInfo, images_table
 from maskmill.storage.lease import DEFAULT_TTL_S, StageLease
+from maskmill.storage.queries import stage_figures
 from maskmill.storage.schema import FAILURES, MASKS, ROUNDS
 from maskmill.storage.store import Store, check_key
 
@@ -137,7 +139,7 @@ class StageWriter:
 
     def done(self, key: str) -> bool:
         """True when the shard of unit of work ``key`` is committed (a resumed run skips it)."""
-        return self.store.fs.exists(self.store.shard_path("masks", key, self.round, self.stage))
+        return self.store.has_shard("masks", key, self.round, self.stage)
 
     def write_masks(
         self, key: str, records: Sequence[Mapping[str, Any]] | pa.Table, **defaults: Any
@@ -154,6 +156,16 @@ class StageWriter:
         )
         self.lease.check()
         return self.store.write_shard("masks", table, key, self.round, self.stage)
+
+    def write_images(
+        self, key: str, infos: Iterable[ImageInfo], added_at: dt.datetime | None = None
+    ) -> str:
+        """Commit images-table rows (from :func:`~storage.images.read_image_info`) as the images
+        shard of unit of work ``key`` (replacing an earlier shard of that key): the one way
+        imports and ingest add images."""
+        table = images_table(infos, added_at or utc_now())
+        self.lease.check()
+        return self.store.write_shard("images", table, key)
 
     def write_failures(self, key: str, failures: Iterable[Mapping[str, Any]]) -> str:
         """Commit failures (dicts with ``image_id`` and/or ``uri``, ``error``, optional ``at``)."""
@@ -176,21 +188,17 @@ class StageWriter:
     def finish(
         self, model_version: int | None = None, metrics: Mapping[str, float] | None = None
     ) -> dict[str, Any]:
-        """Write this round and stage's row of the rounds table, counting what is stored."""
-        with Catalog(self.store) as catalog:
-            images, masks = catalog.con.execute(
-                "SELECT count(DISTINCT image_id), count(*) FROM masks "
-                "WHERE round = ? AND stage = ?",
-                [self.round, self.stage],
-            ).fetchone()
+        """Write this round and stage's row of the rounds table, counting what is stored:
+        ``images`` done (:func:`~storage.queries.images_done`) and ``masks``."""
+        figures = stage_figures(self.store, self.round, self.stage)
         row = {
             "round": self.round,
             "stage": self.stage,
             "model_version": model_version,
             "started_at": self.started_at,
             "finished_at": utc_now(),
-            "images": images,
-            "masks": masks,
+            "images": figures["images"],
+            "masks": figures["masks"],
             "metrics": json.dumps(dict(metrics)) if metrics else None,
         }
         self.lease.check()

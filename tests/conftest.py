@@ -17,6 +17,16 @@ if os.environ.get("CI"):
 
 
 @pytest.fixture(scope="session")
+def ray_cluster():
+    """One local Ray cluster (2 CPUs) for the whole session; yields its GCS address."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
 def tiny_model():
     """A ``tiny`` model with fixed random weights."""
     return build_model("tiny", seed=0)

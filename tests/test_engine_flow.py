@@ -18,17 +18,18 @@ import time
 from pathlib import Path
 
 import pytest
-import ray
 from prefect.testing.utilities import prefect_test_harness
 
+from maskmill.engine.run import EngineSettings
 from maskmill.engine.training.synthetic import write_coco
 from maskmill.model import build_model, save_checkpoint
 from maskmill.storage import Catalog, Store
-from tests.test_engine_units import BAD, GOOD, make_image_files
+from tests.test_storage_images import BAD, GOOD, make_image_files
 
 REPO = Path(__file__).resolve().parents[1]
-# Small and fast: a 2x2 grid, any mask kept, any overlap accepted (see the module doc).
-OPTIONS = {
+# EngineSettings of a small, fast run: a 2x2 grid, any mask kept, any overlap accepted (see the
+# module doc).
+FAST = {
     "holdout": 0.25,
     "points_per_side": 2,
     "accept_iou": 0.01,
@@ -44,13 +45,6 @@ def prefect_server():
         from prefect.settings import PREFECT_API_URL
 
         yield PREFECT_API_URL.value()
-
-
-@pytest.fixture(scope="module")
-def ray_cluster():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield ray.get_runtime_context().gcs_address
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +76,7 @@ def test_two_round_run(prefect_server, ray_cluster, checkpoint, scenes, tmp_path
 
     images, annotations = scenes
     store = str(tmp_path / "store")
-    kwargs = dict(
+    settings = EngineSettings(
         store=store,
         images=images,
         annotations=annotations,
@@ -92,9 +86,9 @@ def test_two_round_run(prefect_server, ray_cluster, checkpoint, scenes, tmp_path
         seed=0,
         workers=2,
         retrain_steps=2,
-        options=OPTIONS,
+        **FAST,
     )
-    rows = data_engine(**kwargs)
+    rows = data_engine(settings)
 
     assert [(r["round"], r["stage"], r["model_version"]) for r in rows] == [
         (1, "manual", 1),
@@ -123,9 +117,10 @@ def test_two_round_run(prefect_server, ray_cluster, checkpoint, scenes, tmp_path
     table = json.loads(artifact.data)
     assert [row["stage"] for row in table] == ["manual", "semi", "auto"]
 
-    # A rerun of the finished run changes nothing: no new masks, no new model.
+    # A rerun of the finished run changes nothing: no new masks, no new model. Its settings come
+    # as a deployment gives them: a dict, which Prefect validates into EngineSettings.
     shards = {p: os.path.getmtime(p) for p in Store(store).shards("masks")}
-    data_engine(**kwargs)
+    data_engine(settings=settings.model_dump())
     assert _masks(store) == masks
     assert {p: os.path.getmtime(p) for p in Store(store).shards("masks")} == shards
     assert len(Store(store).model_metas()) == 3
@@ -183,18 +178,19 @@ def test_kill_and_resume_gives_the_masks_of_an_uninterrupted_run(
 
     images, annotations = scenes
     reference = str(tmp_path / "reference")
-    options = {**OPTIONS, "max_clicks": 20}
     data_engine(
-        store=reference,
-        images=images,
-        annotations=annotations,
-        checkpoint=checkpoint,
-        manual_rounds=1,
-        semi_rounds=1,
-        seed=0,
-        workers=1,
-        retrain_steps=0,
-        options=options,
+        EngineSettings(
+            store=reference,
+            images=images,
+            annotations=annotations,
+            checkpoint=checkpoint,
+            manual_rounds=1,
+            semi_rounds=1,
+            seed=0,
+            workers=1,
+            retrain_steps=0,
+            **{**FAST, "max_clicks": 20},
+        )
     )
     expected = _masks(reference)
     assert expected
@@ -239,14 +235,16 @@ def test_bad_images_are_recorded_and_the_round_completes(
     paths = make_image_files(folder)
     store = str(tmp_path / "store")
     rows = data_engine(
-        store=store,
-        images=str(folder),
-        checkpoint=checkpoint,
-        manual_rounds=0,
-        semi_rounds=0,
-        workers=1,
-        retrain_steps=0,
-        options=OPTIONS,
+        EngineSettings(
+            store=store,
+            images=str(folder),
+            checkpoint=checkpoint,
+            manual_rounds=0,
+            semi_rounds=0,
+            workers=1,
+            retrain_steps=0,
+            **FAST,
+        )
     )
     assert [(r["round"], r["stage"]) for r in rows] == [(1, "auto")]
     with Catalog(store) as catalog:
@@ -259,13 +257,13 @@ def test_bad_images_are_recorded_and_the_round_completes(
             ).fetchall()
         }
         registered = {u for (u,) in catalog.con.execute("SELECT uri FROM images").fetchall()}
+        stages = dict(catalog.con.execute("SELECT uri, stage FROM failures").fetchall())
     for kind, reason in BAD.items():
         assert paths[kind] in failures, kind
         assert f": {reason}: " in failures[paths[kind]], failures[paths[kind]]
-    # empty, not-an-image and the bomb never enter the images table; the others fail in the
-    # stage, which records them and goes on
-    assert not {paths[k] for k in ("empty", "not_an_image", "bomb")} & registered
-    assert {paths[k] for k in ("truncated", "one_pixel")} <= registered
+    # validated once, at ingest: no bad file enters the images table, so none fails in a round
+    assert not {paths[k] for k in BAD} & registered
+    assert {stages[paths[k]] for k in BAD} == {"ingest"}
     # every good kind is processed, its masks on the stored pixel grid (EXIF not applied)
     for kind in GOOD:
         assert paths[kind] not in failures, failures.get(paths[kind])
@@ -274,4 +272,4 @@ def test_bad_images_are_recorded_and_the_round_completes(
         if paths[kind] in done:
             assert done[paths[kind]] == (32, 40), kind
     assert paths["exif_rotated"] in done
-    assert rows[0]["failures"] == 2
+    assert rows[0]["failures"] == 0

@@ -10,7 +10,7 @@ from segment_anything import SamAutomaticMaskGenerator
 
 from bench.reference import build_reference, randomize_
 from maskmill.engine.training.synthetic import photo_like
-from maskmill.model import build_model, get_config
+from maskmill.model import build_model, generator_presets, get_config, load_default
 from maskmill.model.mask_generator import MaskGenerator, generate_crop_boxes
 
 # All thresholds at 0 with random weights, so every mask reaches every code path.
@@ -142,9 +142,9 @@ def test_bad_parameters(models, kwargs, message):
         MaskGenerator(models[1], **kwargs)
 
 
-# The shipped model's own thresholds (engine.stages.DEFAULT_MODEL_AUTO; SAM's 0.88 / 0.95 keep
+# The shipped model's own thresholds (its ``auto`` generator preset; SAM's 0.88 / 0.95 keep
 # nothing of a model this small), everything else at SAM's defaults.
-CALIBRATED = dict(points_per_side=16, pred_iou_thresh=0.3, stability_score_thresh=0.6)
+CALIBRATED = dict(points_per_side=16, **generator_presets(load_default())["auto"])
 TRAINED_CASES = {
     "defaults": CALIBRATED,
     "crop layer + small regions": dict(CALIBRATED, crop_n_layers=1, min_mask_region_area=100),
@@ -155,8 +155,6 @@ TRAINED_CASES = {
 def trained_models():
     """The shipped (trained) model in both implementations: its masks are real objects, so the
     filters decide which survive, as on real photos."""
-    from maskmill.model import load_default
-
     ours = load_default()
     reference = build_reference(ours.config)
     reference.load_state_dict(ours.state_dict())

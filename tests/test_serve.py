@@ -30,7 +30,7 @@ with warnings.catch_warnings():  # starlette >= 1.0 prefers httpx2; httpx works 
     from starlette.testclient import TestClient
 
 from maskmill.engine.evaluate import interior_point
-from maskmill.engine.plan import ground_truth, model_bytes
+from maskmill.engine.plan import model_bytes
 from maskmill.engine.training.synthetic import write_coco
 from maskmill.engine.web.app import create_app
 from maskmill.engine.web.session import (
@@ -42,6 +42,7 @@ from maskmill.engine.web.session import (
 from maskmill.flows.cli import build_parser, main
 from maskmill.model import build_model, has_default, save_checkpoint
 from maskmill.storage import Catalog, Store, WriterConflictError, import_coco, rle
+from maskmill.storage.queries import ground_truth
 
 REPO = Path(__file__).resolve().parents[1]
 SCREENSHOT = REPO / "docs" / "annotation_page.png"
@@ -236,7 +237,7 @@ def test_undo_delete_next_and_round_row(client, session, store):
     assert state["done"] is True
     with Catalog(store) as catalog:
         _, rounds = catalog.query("SELECT round, stage, images, masks FROM rounds WHERE round = 1")
-    assert rounds == [(1, "manual", 1, 1)]
+    assert rounds == [(1, "manual", 3, 1)]  # images done, with masks or none; one mask
     assert all(session.writer.done(i) for i in ids)
 
 
@@ -308,7 +309,7 @@ def test_other_refusals(client, session):
 
 def test_semi_stage_prefills_model_masks(store, model):
     loose = {"points_per_side": 2, "pred_iou_thresh": 0.0, "stability_score_thresh": 0.0}
-    with AnnotationSession(store, 2, "semi", model, 3, generator_kwargs=loose) as session:
+    with AnnotationSession(store, 2, "semi", model, 3, generator_options=loose) as session:
         client = TestClient(create_app(session))
         state = client.get("/api/next").json()
         assert state["masks"] and {m["source"] for m in state["masks"]} == {"model"}

@@ -14,6 +14,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from maskmill.storage import (
+    BadImageError,
     Catalog,
     CocoFormatError,
     GroundTruthConflictError,
@@ -166,6 +167,12 @@ def _remove_image(data, images):
     (images / "b.png").unlink()
 
 
+def _truncate_image(data, images):
+    # PIL opens it and reads its size (the header is whole), but decoding fails
+    path = images / "sub" / "c.png"
+    path.write_bytes(path.read_bytes()[:-200])
+
+
 def _rle_size(data, images):
     data["annotations"][2]["segmentation"]["size"] = [47, 64]
 
@@ -190,6 +197,7 @@ def _bad_counts(data, images):
     ("change", "error", "names"),
     [
         (_remove_image, MissingImageError, ["images[1]", "'b.png'", "not found"]),
+        (_truncate_image, BadImageError, ["images[2]", "'sub/c.png'", "c.png: truncated: "]),
         (_rle_size, MaskSizeError, ["annotations[2]", "id=13", "47x64", "48x64"]),
         (_image_size, MaskSizeError, ["images[0]", "'a.png'", "65x48", "64x48"]),
         (_bad_polygon, CocoFormatError, ["annotations[1]", "id=12", "polygon 0"]),

@@ -36,7 +36,10 @@ def _square(side: int, iou: float | None, stability: float | None, image: str) -
 
 def _fill(store: Store) -> None:
     """Round 1 auto: A 3 masks, B 1, C 6; round 2 semi: A 2 (annotated, unscored)."""
-    infos = [ImageInfo(i, f"file:///{i}.png", 100, 100, i * 4) for i in ("A", "B", "C", "D")]
+    infos = [
+        ImageInfo(image_id=i, uri=f"file:///{i}.png", height=100, width=100, sha256=i * 4)
+        for i in ("A", "B", "C", "D")
+    ]
     store.write_shard("images", images_table(infos, utc_now()), "test")
     auto = (
         [_square(s, q, t, "A") for s, q, t in [(3, 0.95, 0.99), (7, 0.85, 0.91), (20, 0.05, 0.5)]]
@@ -262,4 +265,5 @@ def test_cli_commands(tmp_path, store, capsys):
         == 1
     )
     err = capsys.readouterr().err
-    assert "maskmill import-coco: images[0] (id=1, file_name='a.png'): image file not found" in err
+    assert "maskmill import-coco: images[0] (id=1, file_name='a.png'): " in err
+    assert "a.png: missing: image file not found" in err

@@ -368,3 +368,101 @@ def test_pretrain_cli_writes_a_loadable_checkpoint_and_resumes(tmp_path, capsys)
     assert model.config.name == "tiny" and model.metadata["steps"] == 2
     assert model.metadata["command"].startswith("maskmill ")
     assert main(["pretrain", "--resume", str(tmp_path / "nothing.pt"), *common]) == 2
+
+
+# ------------------------------------------------------------------------------ retraining
+
+
+@pytest.fixture(scope="module")
+def retrain_job(tmp_path_factory):
+    """A MICRO base checkpoint and three scenes as image files with their masks as RLE, in the
+    form of ``retrain.training_set``; also the scenes' pixels, by image id."""
+    from PIL import Image
+
+    from maskmill.model import save_checkpoint
+    from maskmill.storage import rle
+
+    folder = tmp_path_factory.mktemp("retrain")
+    base = str(folder / "base.pt")
+    save_checkpoint(build_model(MICRO, seed=1), base)
+    samples, pixels = [], {}
+    for seed in (11, 12, 13):
+        generated = scene(96, 96, seed=seed)
+        uri = str(folder / f"scene-{seed}.png")
+        Image.fromarray(generated.image).save(uri)  # lossless: workers read these pixels
+        image_id = f"scene-{seed}"
+        masks = [rle.encode(m) for m in generated.all_masks(64)]
+        samples.append({"image_id": image_id, "uri": uri, "masks": masks})
+        pixels[image_id] = generated.image
+    return base, samples, pixels
+
+
+def _data_parallel_reference(base, samples, pixels, config, ranks):
+    """What data-parallel workers ``ranks`` of ``config.workers`` train, computed in one process:
+    per step, each rank's draw's gradient, their mean (a parameter no rank used keeps no
+    gradient), the clip, one AdamW step."""
+    from maskmill.engine.training.pretrain import PromptSimulationStep, build_optimizer
+    from maskmill.engine.training.retrain import _draw
+    from maskmill.model import load_checkpoint
+    from maskmill.storage import rle
+
+    schedule = TrainConfig(
+        steps=config.steps, lr=config.lr, warmup=max(1, config.steps // 10), seed=config.seed
+    )
+    model = load_checkpoint(base)
+    step_module = PromptSimulationStep(model, schedule.simulation, config.freeze_image_encoder)
+    step_module.train()
+    optimizer = build_optimizer(model, schedule)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    for step in range(config.steps):
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(schedule, step)
+        per_rank = []
+        for rank in ranks:
+            optimizer.zero_grad(set_to_none=True)
+            index, pick, draw = _draw(samples, config, step, rank, config.workers)
+            sample = samples[index]
+            masks = np.stack([rle.decode(sample["masks"][i]) for i in pick])
+            generator = torch.Generator().manual_seed(config.seed * 1_000_003 + draw)
+            step_module(pixels[sample["image_id"]], masks, generator).loss.backward()
+            per_rank.append([p.grad for p in trainable])
+        for parameter, grads in zip(trainable, zip(*per_rank, strict=True), strict=True):
+            used = [g for g in grads if g is not None]
+            parameter.grad = sum(used) / len(ranks) if used else None
+        torch.nn.utils.clip_grad_norm_(trainable, schedule.grad_clip)
+        optimizer.step()
+    return model.eval()
+
+
+def test_two_worker_retrain_averages_gradients_and_repeats_exactly(ray_cluster, retrain_job):
+    from maskmill.engine.training.retrain import RetrainConfig, _fit
+    from maskmill.model import load_checkpoint
+
+    base, samples, pixels = retrain_job
+    config = RetrainConfig(
+        steps=3, workers=2, lr=1e-3, masks_per_image=2, freeze_image_encoder=True, seed=5
+    )
+    first, metrics = _fit(base, samples, config)
+    second, _ = _fit(base, samples, config)
+
+    assert metrics["steps"] == 3 and metrics["workers"] == 2
+    assert metrics["train_loss_first"] > 0 and 0.0 <= metrics["train_iou_final_last"] <= 1.0
+    # The same command trains the same model, bit for bit.
+    for (name, a), b in zip(first.state_dict().items(), second.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    # The frozen encoder stayed; the decoder moved.
+    start = load_checkpoint(base)
+    torch.testing.assert_close(
+        first.image_encoder.state_dict(), start.image_encoder.state_dict(), rtol=0, atol=0
+    )
+    moved = first.mask_decoder.iou_prediction_head.layers[-1].weight
+    assert not torch.equal(moved, start.mask_decoder.iou_prediction_head.layers[-1].weight)
+    # It is the mean gradient of both workers' images that trained it: a worker training on its
+    # own draws alone (no synchronisation) would land elsewhere.
+    reference = _data_parallel_reference(base, samples, pixels, config, ranks=[0, 1])
+    for (name, a), b in zip(
+        first.state_dict().items(), reference.state_dict().values(), strict=True
+    ):
+        torch.testing.assert_close(a, b, msg=name)
+    alone = _data_parallel_reference(base, samples, pixels, config, ranks=[0])
+    assert not torch.equal(moved, alone.mask_decoder.iou_prediction_head.layers[-1].weight)

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
 from maskmill.engine.training.synthetic import scene
 from maskmill.model import Sam, build_model, load_checkpoint, save_checkpoint
@@ -121,25 +122,58 @@ def training_sample(config: TrainConfig, step: int) -> tuple[np.ndarray, np.ndar
     return generated.image, masks[np.sort(pick)]
 
 
+class PromptSimulationStep(nn.Module):
+    """The forward of one training step: image encoder, SAM's prompt simulation and its loss.
+
+    One module, so that ``DistributedDataParallel`` (Ray Train's ``prepare_model``) sees the whole
+    step in its forward and averages the workers' gradients during ``backward``; ``pretrain`` uses
+    it unwrapped. The wrapped ``Sam`` is ``self.model``; its image encoder is frozen here
+    (``requires_grad`` off, run under ``no_grad``) when ``freeze_image_encoder``.
+    """
+
+    def __init__(
+        self, model: Sam, simulation: SimulationConfig, freeze_image_encoder: bool = False
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.simulation = simulation
+        self.freeze_image_encoder = freeze_image_encoder
+        _freeze(model, freeze_image_encoder)
+
+    def forward(
+        self, image: np.ndarray, masks: np.ndarray, generator: torch.Generator
+    ) -> SimulationResult:
+        """Simulate prompts for the (M, H, W) bool ``masks`` of the (H, W, 3) uint8 RGB ``image``
+        (M >= 1, each mask non-empty) with prompts drawn from ``generator``; the result's
+        ``loss`` is the scalar to back-propagate."""
+        pixels, input_size = prepare_image(self.model, image)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.freeze_image_encoder):
+            features = self.model.image_encoder(pixels)
+        targets = prepare_masks(masks, self.model.image_size).to(self.model.device)
+        return simulate(self.model, features, targets, input_size, self.simulation, generator)
+
+
 def train_step(
-    model: Sam,
+    simulation_step: nn.Module,
+    optimizer: torch.optim.Optimizer,
     image: np.ndarray,
     masks: np.ndarray,
-    simulation: SimulationConfig,
     generator: torch.Generator,
-    freeze_image_encoder: bool = False,
+    lr: float,
+    grad_clip: float,
 ) -> SimulationResult:
-    """Forward and backward of one image: encoder, prompt simulation for its (M, H, W) masks,
-    ``loss.backward()``. The caller steps the optimiser."""
-    pixels, input_size = prepare_image(model, image)
-    if freeze_image_encoder:
-        with torch.no_grad():
-            features = model.image_encoder(pixels)
-    else:
-        features = model.image_encoder(pixels)
-    targets = prepare_masks(masks, model.image_size).to(model.device)
-    result = simulate(model, features, targets, input_size, simulation, generator)
+    """One optimiser step on one image: forward of ``simulation_step`` (a
+    :class:`PromptSimulationStep`, or one wrapped in ``DistributedDataParallel``, whose backward
+    averages the workers' gradients), backward, gradient-norm clip at ``grad_clip``, AdamW step
+    at learning rate ``lr``. ``image`` is (H, W, 3) uint8 RGB, ``masks`` (M, H, W) bool."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    optimizer.zero_grad(set_to_none=True)
+    result = simulation_step(image, masks, generator)
     result.loss.backward()
+    trainable = [p for p in simulation_step.parameters() if p.requires_grad]
+    torch.nn.utils.clip_grad_norm_(trainable, grad_clip)
+    optimizer.step()
     return result
 
 
@@ -256,7 +290,9 @@ def pretrain(
         optimizer = build_optimizer(model, config)
         state = TrainState(config)
     config = state.config
-    model.train()
+    simulation_step = PromptSimulationStep(
+        model, config.simulation, config.freeze_image_encoder
+    ).train()
     start = time.monotonic()
     deadline = start + minutes * 60 if minutes is not None else math.inf
     last_save = start
@@ -275,17 +311,16 @@ def pretrain(
     while state.step < last_step and time.monotonic() < deadline:
         step = state.step
         image, masks = training_sample(config, step)
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(config, step)
         generator = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
-        optimizer.zero_grad(set_to_none=True)
         result = train_step(
-            model, image, masks, config.simulation, generator, config.freeze_image_encoder
+            simulation_step,
+            optimizer,
+            image,
+            masks,
+            generator,
+            learning_rate(config, step),
+            config.grad_clip,
         )
-        torch.nn.utils.clip_grad_norm_(
-            [p for p in model.parameters() if p.requires_grad], config.grad_clip
-        )
-        optimizer.step()
         state.step += 1
         recent.append(
             {

@@ -3,18 +3,19 @@ Train's ``TorchTrainer``, saved as the store's next model version.
 
 The training set is every image with masks of the chosen stages (ground truth, manual and semi by
 default; automatic ones by option), held-out images left out. Each worker runs the training
-step (``engine.training.pretrain.train_step``: encoder, SAM's 11-pass prompt simulation, focal :
-dice 20 : 1 plus IoU MSE, ``loss.backward()``) on its own image of the step; gradients are
-averaged across workers with ``all_reduce`` (gloo on CPUs, NCCL with a GPU per worker), and every
-worker takes the same AdamW step, so all replicas stay equal. Which image, which masks and which
-prompts a worker draws are functions of the seed, the step and the worker's rank, so the same
-command trains the same model.
+step (``engine.training.pretrain.PromptSimulationStep``: encoder, SAM's 11-pass prompt simulation,
+focal : dice 20 : 1 plus IoU MSE) on its own image of the step, wrapped by Ray Train's
+``prepare_model`` in ``DistributedDataParallel`` (gloo on CPUs, NCCL with a GPU per worker), whose
+backward averages the gradients across workers; every worker takes the same AdamW step, so all
+replicas stay equal. Which image, which masks and which prompts a worker draws are functions of
+the seed, the step and the worker's rank, so the same command trains the same model. Workers
+report their loss through ``ray.train.report`` about every tenth of the steps; rank 0 reports the
+trained weights as the run's checkpoint.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import shutil
 import tempfile
@@ -24,10 +25,19 @@ from typing import Any
 
 import numpy as np
 
-from maskmill.engine.plan import Plan, evaluate_heldout, model_bytes
-from maskmill.storage import Catalog, Store
+from maskmill.engine.evaluate import calibrate_presets
+from maskmill.engine.plan import Plan, evaluate_heldout, heldout_samples, model_bytes
+from maskmill.engine.stages import STAGE_GENERATOR
+from maskmill.model import generator_presets, load_checkpoint
+from maskmill.storage import Store
+from maskmill.storage.queries import training_set
 from maskmill.storage.schema import STAGE_GT
 from maskmill.storage.writer import utc_now
+
+# Held-out images the generator presets are re-calibrated on (a bound on the retrain's cost).
+CALIBRATION_IMAGES = 8
+# The trained weights' file inside the Ray Train checkpoint.
+CHECKPOINT_FILE = "model.pt"
 
 
 @dataclass
@@ -57,35 +67,6 @@ class RetrainConfig:
     include_auto: bool = False
     seed: int = 0
     min_mask_area: int = 64
-
-
-def training_set(
-    store: Store,
-    stages: tuple[str, ...],
-    before_round: int,
-    exclude: list[str] | None = None,
-    min_mask_area: int = 64,
-) -> list[dict[str, Any]]:
-    """Images and masks to train on: ``[{"image_id", "uri", "masks": [RLE, ...]}]``, by id.
-
-    Masks of ``stages`` from rounds before ``before_round`` (ground truth is round 0), at least
-    ``min_mask_area`` pixels, crowd regions left out; images in ``exclude`` (held out) too.
-    """
-    if not store.shards("masks"):
-        return []
-    with Catalog(store) as catalog:
-        rows = catalog.con.execute(
-            "SELECT m.image_id, i.uri, m.segmentation, m.height, m.width FROM masks m "
-            "JOIN images i USING (image_id) WHERE m.stage IN (SELECT unnest(?)) "
-            "AND m.round < ? AND m.area >= ? AND NOT m.iscrowd "
-            "AND m.image_id NOT IN (SELECT unnest(?)) ORDER BY m.image_id, m.mask_id",
-            [list(stages), before_round, min_mask_area, list(exclude or [])],
-        ).fetchall()
-    out: dict[str, dict[str, Any]] = {}
-    for image_id, uri, counts, height, width in rows:
-        entry = out.setdefault(image_id, {"image_id": image_id, "uri": uri, "masks": []})
-        entry["masks"].append({"size": [height, width], "counts": counts})
-    return list(out.values())
 
 
 def data_digest(samples: list[dict[str, Any]]) -> str:
@@ -119,12 +100,21 @@ def retrain(
     stages = tuple(config.stages) + (("auto",) if config.include_auto else ())
     samples = training_set(store, stages, round_ + 1, plan.heldout, config.min_mask_area)
     started = time.perf_counter()
+    base = load_checkpoint(base_meta["uri"])
     if samples:
         model, train_metrics = _fit(base_meta["uri"], samples, config)
     else:  # nothing new to learn from: the next version is the same weights, said so in meta
-        from maskmill.model import load_checkpoint
-
-        model, train_metrics = load_checkpoint(base_meta["uri"]), {"steps": 0}
+        model, train_metrics = base, {"steps": 0}
+    # The generator thresholds travel with the weights: the base's presets, re-expressed in
+    # the new IoU head's units on the held-out images (kept as they are when it cannot be).
+    calibration = calibrate_presets(
+        model,
+        generator_presets(base),
+        list(heldout_samples(store, plan, CALIBRATION_IMAGES)),
+        STAGE_GENERATOR,
+        quality_bar=base.metadata.get("generator_quality_bar"),
+        base=base,
+    )
     metrics = {
         **evaluate_heldout(store, plan, model, progress=progress),
         **train_metrics,
@@ -139,22 +129,29 @@ def retrain(
         "base_version": int(base_meta["version"]),
         "config": model.config.to_dict(),
         "data_digest": data_digest(samples),
+        "generator_presets": calibration.presets,
+        "preset_calibration": {"quality_bar": calibration.quality_bar, **calibration.report},
         "metrics": metrics,
         "retrain": {**asdict(config), "stages": list(stages)},
         "created_at": utc_now().isoformat(),
     }
-    payload = model_bytes(model, {"round": round_, "base_version": meta["base_version"]})
+    checkpoint_meta = {
+        "round": round_,
+        "base_version": meta["base_version"],
+        "generator_presets": calibration.presets,
+        "generator_quality_bar": calibration.quality_bar,
+    }
+    payload = model_bytes(model, checkpoint_meta)
     store.write_model(version, payload, meta)
     return next(m for m in store.model_metas() if int(m["version"]) == version)
 
 
 def _fit(base_uri: str, samples: list[dict[str, Any]], config: RetrainConfig):
-    """Run the Ray Train job; return the trained model and its training metrics."""
+    """Run the Ray Train job; return the trained model and its training metrics (rank 0's)."""
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from maskmill.engine.ray_pool import gpus_available
-    from maskmill.model import load_checkpoint
 
     scratch = tempfile.mkdtemp(prefix="maskmill-retrain-")
     try:
@@ -167,7 +164,9 @@ def _fit(base_uri: str, samples: list[dict[str, Any]], config: RetrainConfig):
             },
             scaling_config=ScalingConfig(
                 num_workers=config.workers,
-                use_gpu=gpus_available(),
+                # A GPU per worker, or none: with fewer GPUs than workers the job would
+                # wait forever for the missing ones.
+                use_gpu=gpus_available(at_least=config.workers),
                 resources_per_worker={"CPU": 1},
             ),
             run_config=RunConfig(storage_path=scratch, name="retrain"),
@@ -176,12 +175,24 @@ def _fit(base_uri: str, samples: list[dict[str, Any]], config: RetrainConfig):
         if result.checkpoint is None:
             raise RuntimeError(f"retraining from {base_uri} ended without a checkpoint")
         with result.checkpoint.as_directory() as folder:
-            model = load_checkpoint(os.path.join(folder, "model.pt"))
-            with open(os.path.join(folder, "metrics.json")) as handle:
-                metrics = json.load(handle)
+            model = load_checkpoint(os.path.join(folder, CHECKPOINT_FILE))
+        metrics = dict(result.metrics)  # what rank 0 reported with the checkpoint
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return model, metrics
+
+
+def _draw(
+    samples: list[dict[str, Any]], config: RetrainConfig, step: int, rank: int, world: int
+) -> tuple[int, np.ndarray, int]:
+    """What worker ``rank`` of ``world`` trains on at ``step``: the sample's index, the indices of
+    its masks (sorted, at most ``masks_per_image``) and the draw number that seeds its prompts.
+    Draws go through a seeded permutation of the samples, ``world`` of them per step."""
+    draw = step * world + rank
+    index = int(np.random.default_rng(config.seed).permutation(len(samples))[draw % len(samples)])
+    rng = np.random.default_rng([config.seed, draw])
+    pick = np.sort(rng.permutation(len(samples[index]["masks"]))[: config.masks_per_image])
+    return index, pick, draw
 
 
 def _train_loop(loop_config: dict[str, Any]) -> None:
@@ -189,10 +200,10 @@ def _train_loop(loop_config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
     import torch
-    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
 
-    from maskmill.engine.images import load_image
     from maskmill.engine.training.pretrain import (
+        PromptSimulationStep,
         TrainConfig,
         build_optimizer,
         learning_rate,
@@ -200,6 +211,7 @@ def _train_loop(loop_config: dict[str, Any]) -> None:
     )
     from maskmill.model import load_checkpoint, save_checkpoint
     from maskmill.storage import rle
+    from maskmill.storage.images import load_image
 
     config = RetrainConfig(
         **{**loop_config["config"], "stages": tuple(loop_config["config"]["stages"])}
@@ -208,51 +220,45 @@ def _train_loop(loop_config: dict[str, Any]) -> None:
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     torch.set_num_threads(1)  # one core per worker (resources_per_worker)
-    device = ray.train.torch.get_device()
-    model = load_checkpoint(loop_config["base_uri"], device=device)
-    for parameter in model.image_encoder.parameters():
-        parameter.requires_grad_(not config.freeze_image_encoder)
     schedule = TrainConfig(
         steps=config.steps, lr=config.lr, warmup=max(1, config.steps // 10), seed=config.seed
     )
+    model = load_checkpoint(loop_config["base_uri"])
+    # A step whose prompts are all points leaves the box-corner embeddings without a gradient
+    # (and the other way round), so DDP must look for unused parameters in every backward.
+    simulation_step = ray.train.torch.prepare_model(
+        PromptSimulationStep(model, schedule.simulation, config.freeze_image_encoder),
+        parallel_strategy_kwargs={"find_unused_parameters": True},
+    )
     optimizer = build_optimizer(model, schedule)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    model.train()
-    order = np.random.default_rng(config.seed).permutation(len(samples))
+    simulation_step.train()
     images: dict[int, np.ndarray] = {}
     losses, first_ious, last_ious = [], [], []
+    report_every = max(1, config.steps // 10)
     for step in range(config.steps):
-        draw = step * world + rank
-        index = int(order[draw % len(samples)])
+        index, pick, draw = _draw(samples, config, step, rank, world)
         sample = samples[index]
         if index not in images:  # each worker decodes an image once
             images[index] = load_image(sample["uri"], exif_transpose=False)
-        rng = np.random.default_rng([config.seed, draw])
-        pick = np.sort(rng.permutation(len(sample["masks"]))[: config.masks_per_image])
         masks = np.stack([rle.decode(sample["masks"][i]) for i in pick])
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(schedule, step)
-        optimizer.zero_grad(set_to_none=True)
         generator = torch.Generator().manual_seed(config.seed * 1_000_003 + draw)
         result = train_step(
-            model,
+            simulation_step,
+            optimizer,
             images[index],
             masks,
-            schedule.simulation,
             generator,
-            config.freeze_image_encoder,
+            learning_rate(schedule, step),
+            schedule.grad_clip,
         )
-        if world > 1:  # data parallel: the mean gradient of the workers' images
-            for parameter in trainable:
-                if parameter.grad is None:
-                    parameter.grad = torch.zeros_like(parameter)
-                dist.all_reduce(parameter.grad)
-                parameter.grad /= world
-        torch.nn.utils.clip_grad_norm_(trainable, schedule.grad_clip)
-        optimizer.step()
         losses.append(float(result.loss.detach()))
         first_ious.append(float(result.ious[0].mean()))
         last_ious.append(float(result.ious[-1].mean()))
+        if (step + 1) % report_every == 0 and step + 1 < config.steps:
+            # Progress; every rank reports at the same steps (reports are collective).
+            ray.train.report(
+                {"step": step + 1, "train_loss": float(np.mean(losses[-report_every:]))}
+            )
     tail = max(1, len(losses) // 4)
     metrics = {
         "steps": config.steps,
@@ -262,11 +268,11 @@ def _train_loop(loop_config: dict[str, Any]) -> None:
         "train_iou1_last": float(np.mean(first_ious[-tail:])),
         "train_iou_final_last": float(np.mean(last_ious[-tail:])),
     }
-    if rank == 0:
-        folder = tempfile.mkdtemp(prefix="maskmill-retrain-ckpt-")
-        save_checkpoint(model.eval(), os.path.join(folder, "model.pt"))
-        with open(os.path.join(folder, "metrics.json"), "w") as handle:
-            json.dump(metrics, handle)
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
-    else:
-        ray.train.report(metrics)
+    if isinstance(simulation_step, DistributedDataParallel):
+        simulation_step = simulation_step.module
+    with tempfile.TemporaryDirectory(prefix="maskmill-retrain-ckpt-") as folder:
+        checkpoint = None
+        if rank == 0:  # the replicas are equal: one checkpoint, with rank 0's metrics
+            save_checkpoint(simulation_step.model.eval(), os.path.join(folder, CHECKPOINT_FILE))
+            checkpoint = ray.train.Checkpoint.from_directory(folder)
+        ray.train.report(metrics, checkpoint=checkpoint)  # uploads before it returns

@@ -4,14 +4,15 @@
 stage (``manual`` or ``semi``) of a store, the model, the writer lease and the image being
 annotated. The web app (:mod:`engine.web.app`) is a thin layer of HTTP over its methods.
 
-- Images are the store's (``engine.plan.image_rows``); the next image is the first, by id, with
+- Images are the store's (``storage.queries.image_infos``); the next image is the first, by id, with
   no committed shard in this round and stage (``StageWriter.done``). An image is done once its
   shard exists: after its first accepted mask or after "next image".
 - The image embedding is computed once, when an image is opened; every click only runs the
   prompt encoder and mask decoder.
-- Semi stage: the mask generator (``engine.stages.SEMI_GENERATOR``) pre-fills the image with its
-  confident masks (source ``model``), as :func:`engine.stages.semi_automatic` does; the person
-  adds the missing ones and may delete bad ones.
+- Semi stage: the mask generator (``engine.stages.stage_generator``, at the model's own ``semi``
+  preset) pre-fills the image with its confident masks (source ``model``), as
+  :func:`engine.stages.semi_automatic` does; the person adds the missing ones and may delete bad
+  ones.
 - The person's masks go through the :class:`~engine.annotators.Annotator` contract
   (:class:`WebAnnotator`), and the image's shard is written through
   :class:`~storage.StageWriter` with records shaped like the stages' (``segmentation`` as COCO
@@ -44,13 +45,11 @@ import torch
 from PIL import Image
 
 from maskmill.engine.annotators import AnnotatedMask, Annotation, Annotator, Click
-from maskmill.engine.generate import Generator
-from maskmill.engine.images import BadImageError, load_image
-from maskmill.engine.plan import ImageRow, existing_masks, image_rows
-from maskmill.engine.stages import SEMI_GENERATOR, read_stored_image, stage_metrics
-from maskmill.model import Predictor, Sam, has_default, load_checkpoint, load_default
-from maskmill.storage import Catalog, StageWriter, Store, rle
-from maskmill.storage.schema import STAGE_GT
+from maskmill.engine.stages import read_stored_image, stage_generator, stage_metrics
+from maskmill.model import Predictor, Sam, load_model
+from maskmill.storage import StageWriter, Store, rle
+from maskmill.storage.images import BadImageError, ImageInfo, load_stored_image
+from maskmill.storage.queries import existing_masks, image_infos, stage_progress
 
 STAGES = ("manual", "semi")
 # Box corners in the clicks column: SAM's prompt-encoder labels for a box's two corners.
@@ -120,7 +119,7 @@ class Prediction:
 class _OpenImage:
     """The image being annotated and the work on it."""
 
-    row: ImageRow
+    row: ImageInfo
     image: np.ndarray  # (H, W, 3) uint8 RGB, the stored pixel grid
     prefill: list[dict[str, Any]]  # generator records (semi stage), source "model"
     existing: list[dict[str, Any]]  # RLEs of earlier rounds' masks (shown, not editable)
@@ -146,8 +145,8 @@ class AnnotationSession:
         model_version: the stored model's version (``models/v<N>``), or None for a model from
             outside the store; written to the masks' ``model_version``.
         annotator: the person (default ``WebAnnotator("web")``).
-        generator_kwargs: the semi stage's pre-fill generator options (default
-            ``SEMI_GENERATOR``); ignored for ``manual``.
+        generator_options: ``MaskGenerator`` options of the semi stage's pre-fill, over the
+            stage grid and the model's ``semi`` preset; ignored for ``manual``.
         model_meta: the stored model's meta, for the round's metrics (held-out mIoU).
     """
 
@@ -159,7 +158,7 @@ class AnnotationSession:
         model: Sam,
         model_version: int | None = None,
         annotator: WebAnnotator | None = None,
-        generator_kwargs: dict[str, Any] | None = None,
+        generator_options: dict[str, Any] | None = None,
         model_meta: dict[str, Any] | None = None,
     ) -> None:
         if stage not in STAGES:
@@ -176,10 +175,10 @@ class AnnotationSession:
         self.predictor = Predictor(model)
         self.generator = None
         if stage == "semi":
-            self.generator = Generator(model, **dict(generator_kwargs or SEMI_GENERATOR))
+            self.generator = stage_generator(model, "semi", generator_options)
         owner = f"{socket.gethostname()}:{os.getpid()} (maskmill serve, {self.annotator.source})"
         self.writer = StageWriter(self.store, self.round, stage, owner=owner)
-        self.images: dict[str, ImageRow] = {}
+        self.images: dict[str, ImageInfo] = {}
         self.finished: dict[str, Any] | None = None  # the rounds row, once every image is done
         self._open: _OpenImage | None = None
         self._lock = threading.RLock()
@@ -189,7 +188,7 @@ class AnnotationSession:
     def __enter__(self) -> AnnotationSession:
         self.writer.__enter__()
         try:
-            self.images = image_rows(self.store)
+            self.images = image_infos(self.store)
         except BaseException:
             self.writer.__exit__(None, None, None)
             raise
@@ -223,7 +222,7 @@ class AnnotationSession:
                     self._open.encoded = _encode(self._open.image)
                 return self._open.encoded
             try:
-                return _encode(load_image(row.uri, exif_transpose=False))
+                return _encode(load_stored_image(row))
             except BadImageError as error:
                 raise SessionError(404, f"image {image_id} cannot be read: {error}") from None
 
@@ -404,7 +403,7 @@ class AnnotationSession:
 
     # ------------------------------------------------------------------------------ internals
 
-    def _row(self, image_id: str) -> ImageRow:
+    def _row(self, image_id: str) -> ImageInfo:
         # A dict lookup, never a path: ids that are not the store's are simply unknown.
         row = self.images.get(image_id) if isinstance(image_id, str) else None
         if row is None:
@@ -437,7 +436,7 @@ class AnnotationSession:
                 if self.generator is not None:
                     prefill = [{**r, "source": "model"} for r in self.generator.generate(image)]
                 self.predictor.set_image(image)  # the embedding: once per image
-            existing = existing_masks(self.store, image_id, self.round)
+            existing = existing_masks(self.store, [image_id], self.round)[image_id]
             self._open = _OpenImage(row, image, prefill, existing)
             return
         self._open = None
@@ -547,43 +546,32 @@ def resolve_model(
 
     ``checkpoint`` if given (version None unless it is a stored model's file); else the store's
     model for round ``round_`` (the newest trained before it, else the newest); else the
-    shipped default model.
+    shipped default model (``model.load_model``).
 
     Raises:
         FileNotFoundError: none of those exists.
     """
     metas = store.model_metas()
-    if checkpoint:
-        stored = [m for m in metas if m["uri"] == checkpoint]
-        meta = stored[-1] if stored else {"source": checkpoint}
-        return load_checkpoint(checkpoint), (stored[-1]["version"] if stored else None), meta
-    if metas:
+    stored = [m for m in metas if m["uri"] == checkpoint] if checkpoint else []
+    if not checkpoint and metas:
         before = [m for m in metas if int(m.get("round") or 0) < round_]
-        meta = (before or metas)[-1]
-        return load_checkpoint(meta["uri"]), int(meta["version"]), meta
-    if has_default():
-        return load_default(), None, {"source": "maskmill default"}
-    raise FileNotFoundError(
-        f"{store.url} holds no model (models/v<N>), no --checkpoint was given and this build "
-        "ships no default model: pass --checkpoint FILE"
-    )
+        stored = [(before or metas)[-1]]
+        checkpoint = stored[0]["uri"]
+    model, source = load_model(checkpoint)
+    if stored:
+        return model, int(stored[-1]["version"]), stored[-1]
+    return model, None, {"source": source}
 
 
 def default_round(store: Store, stage: str) -> int:
     """The round ``maskmill serve`` works on without ``--round``: the lowest round of ``stage``
     that has masks but no rounds-table row (unfinished), else one past the highest round in
     the store (1 for a store with only ground truth)."""
-    with Catalog(store) as catalog:
-        started = catalog.con.execute(
-            "SELECT DISTINCT round, stage FROM masks WHERE stage <> ?", [STAGE_GT]
-        ).fetchall()
-        finished = catalog.con.execute("SELECT DISTINCT round, stage FROM rounds").fetchall()
-    done = {(int(r), s) for r, s in finished}
-    open_rounds = sorted(int(r) for r, s in started if s == stage and (int(r), s) not in done)
+    started, finished = stage_progress(store)
+    open_rounds = sorted(r for r, s in started - finished if s == stage)
     if open_rounds:
         return open_rounds[0]
-    highest = max([int(r) for r, _ in started] + [int(r) for r, _ in finished] + [0])
-    return highest + 1
+    return max([r for r, _ in started | finished] + [0]) + 1
 
 
 def finite(value: Any) -> bool:

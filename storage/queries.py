@@ -1,0 +1,201 @@
+"""The questions the engine asks a store, answered with DuckDB over its shards.
+
+Every SQL string and shard name the engine needs lives here (or elsewhere in ``storage/``), so
+``engine/`` asks questions and never names a file. Each function takes a :class:`Store` (or its
+URL), and opens one catalog for its answer, or an open :class:`Catalog` to share one connection
+between several questions. A catalog is a snapshot of the shard list when it was opened: pass a
+store, not an old catalog, to see shards written since.
+
+RLEs are COCO compressed RLE dicts ``{"size": [H, W], "counts": str}``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+from maskmill.storage.catalog import Catalog
+from maskmill.storage.images import ImageInfo
+from maskmill.storage.schema import STAGE_GT, STAGES
+from maskmill.storage.store import Store
+
+# The stages a person or a model annotates: everything but imported ground truth (and ingest).
+ANNOTATION_STAGES = tuple(s for s in STAGES if s != STAGE_GT)
+
+
+@contextmanager
+def _opened(source: Store | str | Catalog) -> Iterator[Catalog]:
+    """``source`` itself when it is a catalog (left open), else a catalog of it, closed after."""
+    if isinstance(source, Catalog):
+        yield source
+        return
+    with Catalog(source) as catalog:
+        yield catalog
+
+
+def _rle(counts: str, height: int, width: int) -> dict[str, Any]:
+    return {"size": [int(height), int(width)], "counts": counts}
+
+
+def image_infos(source: Store | str | Catalog) -> dict[str, ImageInfo]:
+    """Every image of the store, by id (ids in sorted order)."""
+    with _opened(source) as catalog:
+        rows = catalog.con.execute(
+            "SELECT image_id, uri, height, width, sha256 FROM images ORDER BY image_id"
+        ).fetchall()
+    return {
+        image_id: ImageInfo(
+            image_id=image_id, uri=uri, height=int(height), width=int(width), sha256=sha256
+        )
+        for image_id, uri, height, width, sha256 in rows
+    }
+
+
+def ground_truth(source: Store | str | Catalog) -> dict[str, list[dict[str, Any]]]:
+    """Ground-truth RLEs (stage ``gt``, crowd regions left out) of every image that has some,
+    by image id, each image's in stored order (shard, then row)."""
+    with _opened(source) as catalog:
+        if not catalog.store.shards("masks"):  # read_parquet of no file is an error
+            return {}
+        rows = catalog.con.execute(
+            f"SELECT image_id, segmentation, height, width FROM {catalog.scan('masks')} "
+            "WHERE stage = ? AND NOT iscrowd ORDER BY image_id, filename, file_row_number",
+            [STAGE_GT],
+        ).fetchall()
+    out: dict[str, list[dict[str, Any]]] = {}
+    for image_id, counts, height, width in rows:
+        out.setdefault(image_id, []).append(_rle(counts, height, width))
+    return out
+
+
+def existing_masks(
+    source: Store | str | Catalog, image_ids: Sequence[str], before_round: int
+) -> dict[str, list[dict[str, Any]]]:
+    """RLEs of the masks (ground truth left out) each of ``image_ids`` got in rounds before
+    ``before_round``, in one query; every id is a key, ``[]`` when it has none.
+
+    Each image's masks are ordered by round, stage and mask id.
+    """
+    out: dict[str, list[dict[str, Any]]] = {image_id: [] for image_id in image_ids}
+    if not out:
+        return out
+    with _opened(source) as catalog:
+        rows = catalog.con.execute(
+            "SELECT image_id, segmentation, height, width FROM masks "
+            "WHERE image_id IN (SELECT unnest(?)) AND round < ? AND stage <> ? "
+            "ORDER BY image_id, round, stage, mask_id",
+            [list(out), int(before_round), STAGE_GT],
+        ).fetchall()
+    for image_id, counts, height, width in rows:
+        out[image_id].append(_rle(counts, height, width))
+    return out
+
+
+def training_set(
+    source: Store | str | Catalog,
+    stages: Sequence[str],
+    before_round: int,
+    exclude: Sequence[str] | None = None,
+    min_mask_area: int = 64,
+) -> list[dict[str, Any]]:
+    """Images and masks to train on: ``[{"image_id", "uri", "masks": [RLE, ...]}]``, by id.
+
+    Masks of ``stages`` from rounds before ``before_round`` (ground truth is round 0), at least
+    ``min_mask_area`` pixels, crowd regions left out; images in ``exclude`` (held out) too. An
+    image's masks are ordered by mask id.
+    """
+    with _opened(source) as catalog:
+        rows = catalog.con.execute(
+            "SELECT m.image_id, i.uri, m.segmentation, m.height, m.width FROM masks m "
+            "JOIN images i USING (image_id) WHERE m.stage IN (SELECT unnest(?)) "
+            "AND m.round < ? AND m.area >= ? AND NOT m.iscrowd "
+            "AND m.image_id NOT IN (SELECT unnest(?)) ORDER BY m.image_id, m.mask_id",
+            [list(stages), int(before_round), int(min_mask_area), list(exclude or [])],
+        ).fetchall()
+    out: dict[str, dict[str, Any]] = {}
+    for image_id, uri, counts, height, width in rows:
+        entry = out.setdefault(image_id, {"image_id": image_id, "uri": uri, "masks": []})
+        entry["masks"].append(_rle(counts, height, width))
+    return list(out.values())
+
+
+def images_done(source: Store | str | Catalog, round_: int, stage: str) -> list[str]:
+    """Ids of the images a round and stage has finished, sorted: the one definition of a
+    round's ``images`` (the rounds table's and ``maskmill run``'s).
+
+    An image is done when its unit of work is committed: a masks shard keyed by its id (written
+    with masks or with none, so an image the model found nothing in counts), or masks of it in
+    a shard of several images (a ground-truth import). Failed images have no shard.
+    """
+    with _opened(source) as catalog:
+        keys = catalog.store.shard_keys("masks", int(round_), stage)
+        rows = catalog.con.execute(
+            "SELECT image_id FROM images WHERE image_id IN (SELECT unnest(?)) "
+            "UNION SELECT image_id FROM masks WHERE round = ? AND stage = ? ORDER BY image_id",
+            [keys, int(round_), stage],
+        ).fetchall()
+    return [image_id for (image_id,) in rows]
+
+
+def stage_figures(source: Store | str | Catalog, round_: int, stage: str) -> dict[str, Any]:
+    """What a round and stage holds, counted from its committed shards.
+
+    Returns:
+        ``images`` (:func:`images_done`, a count), ``masks``, ``annotated`` (masks drawn with
+        clicks), ``clicks`` (over those), ``seconds`` (annotation time in all) and
+        ``failures`` (distinct images or URIs refused).
+    """
+    with _opened(source) as catalog:
+        images = len(images_done(catalog, round_, stage))
+        masks, annotated, clicks, seconds = catalog.con.execute(
+            "SELECT count(*), count(clicks), coalesce(sum(len(clicks)), 0), "
+            "coalesce(sum(seconds), 0) FROM masks WHERE round = ? AND stage = ?",
+            [int(round_), stage],
+        ).fetchone()
+        (failures,) = catalog.con.execute(
+            "SELECT count(DISTINCT coalesce(image_id, uri)) FROM failures "
+            "WHERE round = ? AND stage = ?",
+            [int(round_), stage],
+        ).fetchone()
+    return {
+        "images": images,
+        "masks": int(masks),
+        "annotated": int(annotated),
+        "clicks": int(clicks),
+        "seconds": float(seconds),
+        "failures": int(failures),
+    }
+
+
+def rounds_rows(
+    source: Store | str | Catalog, stages: Sequence[str] = ANNOTATION_STAGES
+) -> list[dict[str, Any]]:
+    """The rounds table's rows of ``stages`` (default: the annotation stages, not ground
+    truth), ordered by round and stage; ``metrics`` parsed from its JSON (``{}`` when none)."""
+    with _opened(source) as catalog:
+        columns, rows = catalog.query(
+            "SELECT round, stage, model_version, images, masks, metrics FROM rounds "
+            "WHERE stage IN (SELECT unnest(?)) ORDER BY round, stage",
+            [list(stages)],
+        )
+    out = []
+    for row in rows:
+        record = dict(zip(columns, row, strict=True))
+        record["metrics"] = json.loads(record["metrics"] or "{}")
+        out.append(record)
+    return out
+
+
+def stage_progress(
+    source: Store | str | Catalog,
+) -> tuple[set[tuple[int, str]], set[tuple[int, str]]]:
+    """(started, finished) (round, stage) pairs: those with masks other than ground truth, and
+    those with a row in the rounds table."""
+    with _opened(source) as catalog:
+        started = catalog.con.execute(
+            "SELECT DISTINCT round, stage FROM masks WHERE stage <> ?", [STAGE_GT]
+        ).fetchall()
+        finished = catalog.con.execute("SELECT DISTINCT round, stage FROM rounds").fetchall()
+    return {(int(r), s) for r, s in started}, {(int(r), s) for r, s in finished}

@@ -1,0 +1,154 @@
+"""The questions the engine asks storage (``storage.queries``), on local and memory:// stores,
+and the rule that engine/ asks them instead of naming files or writing SQL."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from maskmill.engine.report import rounds_table
+from maskmill.engine.stages import stage_metrics
+from maskmill.storage import Catalog, StageWriter, Store, rle
+from maskmill.storage.images import ImageInfo, images_table
+from maskmill.storage.queries import (
+    existing_masks,
+    image_infos,
+    images_done,
+    rounds_rows,
+    stage_figures,
+    stage_progress,
+    training_set,
+)
+from maskmill.storage.writer import utc_now
+from tests.test_storage_data import STORE_KINDS, empty_store
+
+IDS = ("A", "B", "C", "D")
+
+
+@pytest.fixture(params=STORE_KINDS)
+def store(request, tmp_path) -> Iterator[Store]:
+    yield from empty_store(request.param, tmp_path)
+
+
+def _mask(image: str, top: int, side: int) -> dict:
+    """A side x side square at (top, top) on a 40 x 50 (H x W) image."""
+    mask = np.zeros((40, 50), bool)
+    mask[top : top + side, top : top + side] = True
+    return {"image_id": image, "segmentation": rle.encode(mask)}
+
+
+def _images(store: Store) -> None:
+    infos = [
+        ImageInfo(image_id=i, uri=f"file:///{i}.png", height=40, width=50, sha256=i * 64)
+        for i in IDS
+    ]
+    store.write_shard("images", images_table(infos, utc_now()), "test")
+
+
+def _write(store: Store, round_: int, stage: str, masks: dict[str, list[tuple[int, int]]]):
+    """One shard per image of ``masks`` (image -> [(top, side), ...]; [] = done, no masks)."""
+    with StageWriter(store, round_, stage) as writer:
+        for image, squares in masks.items():
+            records = [_mask(image, top, side) for top, side in squares]
+            writer.write_masks(image, records, source="gt" if stage == "gt" else "model")
+        writer.finish()
+
+
+def _fill(store: Store) -> None:
+    """Ground truth on A and B; round 1 manual: A 2 masks, B none; round 2 semi: C 1 mask;
+    round 3 auto: A 1, D 1."""
+    _images(store)
+    _write(store, 0, "gt", {"A": [(0, 9)], "B": [(1, 9)]})
+    _write(store, 1, "manual", {"A": [(2, 5), (10, 6)], "B": []})
+    _write(store, 2, "semi", {"C": [(3, 7)]})
+    _write(store, 3, "auto", {"A": [(20, 8)], "D": [(4, 4)]})
+
+
+def _counts(rles: list[dict]) -> list[str]:
+    return [r["counts"] for r in rles]
+
+
+def test_existing_masks_batched_is_the_same_as_one_image_at_a_time(store):
+    _fill(store)
+    ids = list(IDS) + ["unknown"]
+    batched = existing_masks(store, ids, before_round=3)
+    assert list(batched) == ids
+    for image_id in ids:
+        assert batched[image_id] == existing_masks(store, [image_id], 3)[image_id]
+    # ground truth never counts; round 3 (auto) is not before round 3
+    assert [len(batched[i]) for i in ids] == [2, 0, 1, 0, 0]
+    # A's masks in mask-id order, as written in round 1
+    written = [_mask("A", 2, 5)["segmentation"], _mask("A", 10, 6)["segmentation"]]
+    order = sorted(range(2), key=lambda index: rle.mask_id("A", 1, "manual", index))
+    assert _counts(batched["A"]) == _counts([written[i] for i in order])
+    assert batched["C"][0]["size"] == [40, 50]
+    # an open catalog answers the same, and later rounds see the later masks
+    with Catalog(store) as catalog:
+        assert existing_masks(catalog, ids, 3) == batched
+        assert [len(v) for v in existing_masks(catalog, ids, 4).values()] == [3, 0, 1, 1, 0]
+    assert existing_masks(store, [], 3) == {}
+
+
+def test_images_done_counts_an_image_finished_with_no_masks(store):
+    """One definition of a round's images: the rounds row, the stage's metrics and
+    ``maskmill run``'s table all count B, which finished round 1 with zero masks."""
+    _fill(store)
+    assert images_done(store, 1, "manual") == ["A", "B"]
+    assert images_done(store, 0, "gt") == ["A", "B"]  # one shard of several images
+    figures = stage_figures(store, 1, "manual")
+    assert (figures["images"], figures["masks"], figures["failures"]) == (2, 2, 0)
+    by_stage = {(r["round"], r["stage"]): r for r in rounds_rows(store)}
+    assert sorted(by_stage) == [(1, "manual"), (2, "semi"), (3, "auto")]  # no ground truth
+    assert (by_stage[1, "manual"]["images"], by_stage[1, "manual"]["masks"]) == (2, 2)
+    assert stage_metrics(store, 1, "manual", {})["images"] == 2
+    assert [r["images"] for r in rounds_table(store)] == [2, 1, 2]
+
+
+def test_failures_are_not_done(store):
+    _images(store)
+    with StageWriter(store, 1, "auto") as writer:
+        writer.write_masks("A", [_mask("A", 0, 5)])
+        writer.write_failures("B", [{"image_id": "B", "uri": "file:///B.png", "error": "x"}])
+        row = writer.finish()
+    assert row["images"] == 1 and images_done(store, 1, "auto") == ["A"]
+    assert stage_figures(store, 1, "auto")["failures"] == 1
+
+
+def test_image_infos_and_training_set(store):
+    _fill(store)
+    infos = image_infos(store)
+    assert list(infos) == list(IDS)
+    assert infos["B"] == ImageInfo(
+        image_id="B", uri="file:///B.png", height=40, width=50, sha256="B" * 64
+    )
+    samples = training_set(store, ("gt", "manual"), before_round=2, exclude=["B"], min_mask_area=30)
+    # A: ground truth (81 px) and manual (36 px; the 25 px one is under min_mask_area)
+    assert [(s["image_id"], s["uri"], len(s["masks"])) for s in samples] == [
+        ("A", "file:///A.png", 2)
+    ]
+
+
+def test_stage_progress(store):
+    _fill(store)
+    with StageWriter(store, 4, "manual") as writer:  # started, no rounds row yet
+        writer.write_masks("B", [_mask("B", 0, 5)])
+    started, finished = stage_progress(store)
+    assert started == {(1, "manual"), (2, "semi"), (3, "auto"), (4, "manual")}
+    assert finished == {(0, "gt"), (1, "manual"), (2, "semi"), (3, "auto")}
+
+
+def test_engine_asks_storage_and_never_names_a_file():
+    """engine/ holds no SQL, no Parquet read and no shard name or glob: storage/ owns them."""
+    engine = Path(__file__).resolve().parents[1] / "engine"
+    pattern = re.compile(r"part-|read_parquet|SELECT|glob\(")
+    hits = [
+        f"{path.relative_to(engine.parent)}:{number}: {line.strip()}"
+        for path in sorted(engine.rglob("*.py"))
+        for number, line in enumerate(path.read_text().splitlines(), start=1)
+        if pattern.search(line)
+    ]
+    assert hits == []
