@@ -66,9 +66,7 @@ def gpus_per_actor(workers: int) -> float:
 class GeneratorActor:
     """Loads the model once and generates masks for the images it is sent."""
 
-    def __init__(
-        self, checkpoint: str, preset: str, options: dict[str, Any], threads: int
-    ) -> None:
+    def __init__(self, checkpoint: str, preset: str, options: dict[str, Any], threads: int) -> None:
         import torch
 
         from maskmill.engine.stages import stage_generator
@@ -132,10 +130,10 @@ class GeneratorPool:
     ) -> None:
         if workers < 1:
             raise ValueError(f"workers must be at least 1, got {workers}")
-        options = {"num_cpus": cpus_per_worker, "num_gpus": gpus_per_actor(workers)}
+        resources = {"num_cpus": cpus_per_worker, "num_gpus": gpus_per_actor(workers)}
         started = time.perf_counter()
         self.actors = [
-            GeneratorActor.options(**options).remote(
+            GeneratorActor.options(**resources).remote(
                 checkpoint, preset, dict(options or {}), cpus_per_worker
             )
             for _ in range(workers)

@@ -18,6 +18,7 @@ from maskmill.engine.plan import Plan, ensure_initial_model, make_plan, model_fo
 from maskmill.engine.ray_pool import init_ray
 from maskmill.engine.stages import assisted_manual, fully_automatic, semi_automatic
 from maskmill.engine.training.retrain import RetrainConfig, retrain
+from maskmill.model.mask_generator import generator_parameters
 from maskmill.storage import Store, import_coco, ingest_folder
 from maskmill.storage.queries import ground_truth
 
@@ -117,6 +118,13 @@ class EngineSettings(BaseModel):
                 "manual and semi rounds need ground truth for the simulated annotator: give "
                 "annotations (a COCO instances file), or set manual_rounds and semi_rounds to 0 "
                 "for the automatic pass alone",
+            )
+        unknown = sorted(set(self.generator_options) - generator_parameters())
+        if unknown:
+            raise PydanticCustomError(
+                "unknown_generator_options",
+                "generator_options {unknown} are not MaskGenerator parameters",
+                {"unknown": unknown},
             )
         return self
 

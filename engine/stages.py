@@ -83,7 +83,14 @@ def semi_automatic(
     the model's ``semi`` preset, ``generator_options`` over it) pre-fills, the annotator adds
     the missing objects; returns its rounds row."""
     return _annotation_stage(
-        store, round_, "semi", plan, image_ids, model_meta, annotator, generator_options or {},
+        store,
+        round_,
+        "semi",
+        plan,
+        image_ids,
+        model_meta,
+        annotator,
+        generator_options or {},
         progress,
     )
 

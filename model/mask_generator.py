@@ -18,6 +18,7 @@ stored with its weights (:mod:`maskmill.model.presets`).
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -170,6 +171,11 @@ def _select(columns: dict[str, Any], keep: torch.Tensor) -> dict[str, Any]:
     out = {name: value[keep] for name, value in columns.items() if name != "rles"}
     out["rles"] = [columns["rles"][i] for i in keep_list]
     return out
+
+
+def generator_parameters() -> frozenset[str]:
+    """The keyword parameters of :class:`MaskGenerator` (what presets and options may set)."""
+    return frozenset(inspect.signature(MaskGenerator).parameters) - {"model"}
 
 
 class MaskGenerator:

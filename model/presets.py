@@ -15,7 +15,6 @@ Official SAM files carry no metadata and get SAM's own values (:data:`SAM_PRESET
 
 from __future__ import annotations
 
-import inspect
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -56,11 +55,11 @@ def check_presets(presets: Any, source: str = "generator_presets") -> dict[str, 
     Each of ``auto`` and ``semi`` must be a dict of ``MaskGenerator`` parameters with at least
     ``pred_iou_thresh`` and ``stability_score_thresh``, thresholds finite numbers in [0, 1].
     """
-    from .mask_generator import MaskGenerator
+    from .mask_generator import generator_parameters
 
     if not isinstance(presets, Mapping):
         raise ValueError(f"{source}: expected a dict with keys {PRESET_NAMES}, got {presets!r}")
-    parameters = set(inspect.signature(MaskGenerator).parameters) - {"model"}
+    parameters = generator_parameters()
     out: dict[str, dict[str, Any]] = {}
     for name in PRESET_NAMES:
         values = presets.get(name)

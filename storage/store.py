@@ -158,11 +158,16 @@ class Store:
         return final
 
     def remove_temp_files(
-        self, table: str, round_: int | None = None, stage: str | None = None
+        self,
+        table: str,
+        round_: int | None = None,
+        stage: str | None = None,
+        key_prefix: str = "",
     ) -> None:
-        """Delete temp files a killed writer left in a table folder (they are never read)."""
+        """Delete temp files a killed writer left in a table folder (they are never read):
+        those of shard keys starting with ``key_prefix`` (all by default)."""
         folder = self.table_dir(table, round_, stage)
-        for path in self.fs.glob(f"{folder}/.part-*{_TMP_SUFFIX}"):
+        for path in self.fs.glob(f"{folder}/.part-{key_prefix}*{_TMP_SUFFIX}"):
             self.fs.rm(path)
 
     def read_table(self, table: str) -> pa.Table:

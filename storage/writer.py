@@ -123,15 +123,20 @@ class StageWriter:
         self.store = store if isinstance(store, Store) else Store(store)
         self.round = int(round_)
         self.stage = check_key(stage, "stage")
+        # Shard key of the stage's rounds row; its failures shards' keys start with it too.
+        self.key = f"r{self.round}-{self.stage}"
         self.lease = StageLease(self.store, self.round, self.stage, owner, ttl_s)
         self.started_at: dt.datetime | None = None
 
     def __enter__(self) -> StageWriter:
         self.lease.acquire()
         self.started_at = utc_now()
-        # Temp files of a killed writer of this stage are garbage: nobody else writes here.
+        # Temp files of a killed writer of this stage are garbage: nobody else writes its
+        # masks folder, its failures shards or its rounds row.
         if self.store.fs.exists(self.store.table_dir("masks", self.round, self.stage)):
             self.store.remove_temp_files("masks", self.round, self.stage)
+        self.store.remove_temp_files("failures", key_prefix=f"{self.key}-")
+        self.store.remove_temp_files("rounds", key_prefix=f"{self.key}.parquet.")
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -182,7 +187,7 @@ class StageWriter:
             for f in failures
         ]
         self.lease.check()
-        name = f"r{self.round}-{self.stage}-{check_key(key, 'failure key')}"
+        name = f"{self.key}-{check_key(key, 'failure key')}"
         return self.store.write_shard("failures", pa.Table.from_pylist(rows, FAILURES), name)
 
     def finish(
@@ -202,7 +207,5 @@ class StageWriter:
             "metrics": json.dumps(dict(metrics)) if metrics else None,
         }
         self.lease.check()
-        self.store.write_shard(
-            "rounds", pa.Table.from_pylist([row], ROUNDS), f"r{self.round}-{self.stage}"
-        )
+        self.store.write_shard("rounds", pa.Table.from_pylist([row], ROUNDS), self.key)
         return row

@@ -4,6 +4,7 @@ runs in and for a wheel built from this tree and installed into a fresh virtual 
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -79,6 +80,15 @@ def test_editable_install_imports_only_the_namespace(tmp_path):
 
 @pytest.mark.timeout(900)
 def test_wheel_installs_into_a_fresh_venv(tmp_path):
+    # Built from a copy: setuptools writes build/ and *.egg-info next to the sources.
+    source = tmp_path / "source"
+    shutil.copytree(
+        REPO,
+        source,
+        ignore=shutil.ignore_patterns(
+            ".git", ".venv", "out", "build", "*.egg-info", "__pycache__", ".*_cache"
+        ),
+    )
     wheels = tmp_path / "wheels"
     build = subprocess.run(
         [
@@ -91,7 +101,7 @@ def test_wheel_installs_into_a_fresh_venv(tmp_path):
             "-q",
             "-w",
             str(wheels),
-            str(REPO),
+            str(source),
         ],
         capture_output=True,
         text=True,

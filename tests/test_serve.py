@@ -15,6 +15,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import threading
 import time
 import warnings
@@ -321,6 +322,39 @@ def test_semi_stage_prefills_model_masks(store, model):
     sources = [r["source"] for r in rows]
     assert sources.count("web:web") == 1 and sources.count("model") == len(state["masks"])
     assert all(r["clicks"] is None for r in rows if r["source"] == "model")
+
+
+@pytest.mark.skipif(not has_default(), reason="this build ships no default model")
+def test_semi_stage_prefills_with_the_shipped_models_own_presets(tmp_path, scenes):
+    """With no options the pre-fill uses the model's ``semi`` preset (stored with its weights):
+    the shipped model pre-fills masks, which SAM's 0.92 / 0.97 would not."""
+    store = make_store(tmp_path / "store", scenes)
+    model, version, _ = resolve_model(store, 1)
+    assert version is None  # no stored model: the shipped default
+    semi = model.metadata["generator_presets"]["semi"]
+    with AnnotationSession(store, 1, "semi", model) as session:
+        assert session.generator.pred_iou_thresh == semi["pred_iou_thresh"]
+        assert session.generator.stability_score_thresh == semi["stability_score_thresh"]
+        state = session.state()
+        assert len(state["masks"]) >= 1
+        assert {m["source"] for m in state["masks"]} == {"model"}
+        assert min(m["predicted_iou"] for m in state["masks"]) > semi["pred_iou_thresh"]
+
+
+def test_serve_does_not_import_ray(tmp_path):
+    """The annotation page runs without Ray: importing the command and the page must not."""
+    code = (
+        "import sys\n"
+        "import maskmill.flows.cli_serve, maskmill.engine.web.app, maskmill.engine.web.session\n"
+        "from maskmill.flows.cli import build_parser\n"
+        "build_parser().parse_args(['serve', '--store', 'x'])\n"
+        "print(sorted(m for m in sys.modules if m == 'ray' or m.startswith('ray.')))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "[]"
 
 
 def test_second_writer_is_refused_until_the_first_closes(store, model, session):

@@ -127,6 +127,9 @@ def test_rules_between_fields():
         EngineSettings(annotations="instances.json")
     with pytest.raises(ValidationError, match=GROUND_TRUTH_RULE):
         EngineSettings(images="photos/", store="s")
+    # A misspelled generator option is refused when the settings are read, not mid-run.
+    with pytest.raises(ValidationError, match=r"\['pred_iou_thres'\] are not MaskGenerator"):
+        EngineSettings(generator_options={"pred_iou_thres": 0.5})
     # a folder without ground truth is fine for the automatic pass alone
     alone = EngineSettings(images="photos/", manual_rounds=0, semi_rounds=0)
     assert (alone.images, alone.manual_rounds, alone.semi_rounds) == ("photos/", 0, 0)

@@ -91,6 +91,24 @@ def test_writer_killed_before_rename_leaves_no_partial_shard(tmp_path):
     assert _count(local) == 5
 
 
+def test_next_writer_removes_its_own_stage_temp_files_only(tmp_path):
+    """A writer killed while committing its failures or its rounds row leaves temp files there;
+    the stage's next writer removes them, and leaves other stages' (maybe live) ones alone."""
+    local = Store(str(tmp_path / "store"))
+    own = ["rounds/.part-r1-auto.parquet.aa.tmp", "failures/.part-r1-auto-img.parquet.bb.tmp"]
+    others = [
+        "rounds/.part-r1-semi.parquet.cc.tmp",
+        "rounds/.part-r11-auto.parquet.dd.tmp",
+        "failures/.part-r2-auto-img.parquet.ee.tmp",
+    ]
+    for name in own + others:
+        (tmp_path / "store" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "store" / name).write_bytes(b"half a shard")
+    with StageWriter(local, 1, "auto"):
+        left = sorted(str(p.relative_to(tmp_path / "store")) for p in tmp_path.rglob("*.tmp"))
+    assert left == sorted(others)
+
+
 def test_writer_killed_at_any_moment_leaves_only_whole_shards(tmp_path):
     """A writer committing shards in a loop is SIGKILLed mid-way: every visible shard reads
     back complete."""
