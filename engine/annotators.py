@@ -30,14 +30,24 @@ class AnnotatedMask:
     Attributes:
         segmentation: COCO compressed RLE (``counts`` str) on the image's pixel grid.
         clicks: every click that led to it, in order.
-        seconds: time spent on it (simulated annotators: their time model, not compute time).
-        predicted_iou: the model's IoU prediction for the accepted mask.
+        seconds: time spent on it (simulated annotators: their time model, not compute time),
+            strokes included.
+        predicted_iou: the model's IoU prediction for the mask it drew.
+        strokes: brush and eraser strokes that corrected the model's mask.
+        stroke_seconds: the part of ``seconds`` spent on strokes.
+        model_iou: IoU of the model's mask before any stroke with the mask accepted (1.0 when
+            nothing was corrected); None where unknown.
+        category: the object's category name, where the annotator gave one.
     """
 
     segmentation: dict[str, Any]
     clicks: list[Click]
     seconds: float
     predicted_iou: float | None = None
+    strokes: int = 0
+    stroke_seconds: float = 0.0
+    model_iou: float | None = None
+    category: str | None = None
 
 
 @dataclass
@@ -49,12 +59,19 @@ class Annotation:
         abandoned: objects given up on (no mask stored for them).
         abandoned_clicks: clicks spent on abandoned objects.
         abandoned_seconds: time spent on abandoned objects.
+        kept_prefill: indexes of the generator's pre-filled masks kept as they are (semi).
+        prefill_kept / prefill_corrected / prefill_deleted: the annotator's verdicts on the
+            pre-fill (a corrected one is in ``masks``, with its strokes).
     """
 
     masks: list[AnnotatedMask] = field(default_factory=list)
     abandoned: int = 0
     abandoned_clicks: int = 0
     abandoned_seconds: float = 0.0
+    kept_prefill: list[int] = field(default_factory=list)
+    prefill_kept: int = 0
+    prefill_corrected: int = 0
+    prefill_deleted: int = 0
 
     def records(self, source: str) -> list[dict[str, Any]]:
         """The accepted masks as mask records for the store (``storage.writer.masks_table``)."""
@@ -64,6 +81,10 @@ class Annotation:
                 "clicks": [list(c) for c in mask.clicks],
                 "seconds": mask.seconds,
                 "predicted_iou": mask.predicted_iou,
+                "strokes": mask.strokes,
+                "stroke_seconds": mask.stroke_seconds,
+                "model_iou": mask.model_iou,
+                "category": mask.category,
                 "source": source,
             }
             for mask in self.masks

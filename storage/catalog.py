@@ -77,12 +77,13 @@ class Catalog:
         """The ``read_parquet(...)`` call over a table's shards (for queries that want its
         virtual columns ``filename`` and ``file_row_number``; the view does not show them)."""
         glob = _literal(self.store.url_of(self.store.shard_glob(table)))
+        # union_by_name: shards written before a column was added read it as null.
         if table in PARTITIONED:
             return (
-                f"read_parquet({glob}, hive_partitioning = true, "
+                f"read_parquet({glob}, hive_partitioning = true, union_by_name = true, "
                 "hive_types = {'round': INTEGER, 'stage': VARCHAR})"
             )
-        return f"read_parquet({glob})"
+        return f"read_parquet({glob}, union_by_name = true)"
 
     def sql(self, query: str, params: list[Any] | None = None) -> duckdb.DuckDBPyRelation:
         """Run a query; the result is a DuckDB relation (``.fetchall()``, ``.arrow()``, ...)."""

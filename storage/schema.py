@@ -43,6 +43,12 @@ MASKS = pa.schema(
         pa.field("crop_box", BOX),
         pa.field("clicks", pa.list_(CLICK)),
         pa.field("seconds", pa.float32()),
+        # Correction of an annotated mask: brush and eraser strokes, the part of ``seconds``
+        # spent on them, and the IoU of the model's mask before any stroke with the mask
+        # accepted (how much the person had to fix). Null for model and ground-truth masks.
+        pa.field("strokes", pa.int32()),
+        pa.field("stroke_seconds", pa.float32()),
+        pa.field("model_iou", pa.float32()),
         # Not in the first design: ground truth keeps its class and crowd flag so that a COCO
         # file survives import -> export. Model masks are class-agnostic and leave them null.
         pa.field("category_id", pa.int32()),

@@ -26,6 +26,9 @@ _OPTIONAL = (
     "crop_box",
     "clicks",
     "seconds",
+    "strokes",
+    "stroke_seconds",
+    "model_iou",
     "category_id",
     "category",
 )
