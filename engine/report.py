@@ -5,9 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 from maskmill.storage import Store
-from maskmill.storage.queries import rounds_rows
+from maskmill.storage.queries import learning_curves
 
-# (key in the rounds row or its metrics, column title, format)
+# (key in the row, column title, format): the learning curves (``storage.queries.
+# learning_curves``) with the round's own metrics.
 COLUMNS: list[tuple[str, str, str]] = [
     ("round", "round", "{}"),
     ("stage", "stage", "{}"),
@@ -15,21 +16,31 @@ COLUMNS: list[tuple[str, str, str]] = [
     ("images", "images", "{}"),
     ("masks", "masks", "{}"),
     ("masks_per_image", "masks/image", "{:.1f}"),
+    ("seconds_per_mask", "s/mask", "{:.1f}"),
     ("clicks_per_mask", "clicks/mask", "{:.2f}"),
-    ("seconds", "seconds", "{:.0f}"),
+    ("strokes_per_mask", "strokes/mask", "{:.2f}"),
+    ("model_iou", "model IoU", "{:.3f}"),
     ("failures", "failures", "{}"),
-    ("heldout_miou", "held-out 1-click mIoU", "{:.3f}"),
+    ("used_miou", "mIoU used", "{:.3f}"),
+    ("used_noc90", "NoC@90 used", "{:.1f}"),
+    ("produced", "produced", "{}"),
+    ("produced_miou", "mIoU produced", "{:.3f}"),
 ]
 
 
 def rounds_table(store: Store | str) -> list[dict[str, Any]]:
-    """One dict per round and stage of the rounds table (ground truth and ingest left out),
-    with the round's metrics merged in; ``images`` is the images the stage finished
-    (``storage.queries.images_done``)."""
+    """One dict per finished round and stage (ground truth left out): the learning curves
+    (annotation cost per mask, model IoU before correction, held-out quality of the model the
+    round used and of the one it produced) with the round's metrics merged in; ``images`` is
+    the images the stage finished (``storage.queries.images_done``)."""
     out = []
-    for record in rounds_rows(store):
+    for record in learning_curves(store):
         metrics = record.pop("metrics")
-        out.append({**record, **{k: v for k, v in metrics.items() if v is not None}})
+        row = {**{k: v for k, v in metrics.items() if v is not None}, **record}
+        if record["produced_version"] is not None:
+            verdict = {True: "", False: " rejected"}.get(record["produced_promoted"], "")
+            row["produced"] = f"v{record['produced_version']}{verdict}"
+        out.append(row)
     return out
 
 

@@ -3,7 +3,8 @@
 - :func:`assisted_manual`: an :class:`~engine.annotators.Annotator` labels each image's objects
   with the predictor; stage ``manual``.
 - :func:`semi_automatic`: the mask generator, with stricter thresholds, pre-fills the confident
-  masks; the annotator adds the objects they miss; stage ``semi``.
+  masks; the annotator keeps, corrects or deletes each and adds the objects they miss; stage
+  ``semi``.
 - :func:`fully_automatic`: the mask generator over every image on a Ray actor pool; stage
   ``auto``.
 
@@ -80,8 +81,9 @@ def semi_automatic(
     progress: bool = False,
 ) -> dict[str, Any]:
     """Round ``round_`` of semi-automatic annotation: the generator (:func:`stage_generator`,
-    the model's ``semi`` preset, ``generator_options`` over it) pre-fills, the annotator adds
-    the missing objects; returns its rounds row."""
+    the model's ``semi`` preset, ``generator_options`` over it) pre-fills; the annotator keeps,
+    corrects or deletes each pre-filled mask and adds the missing objects; returns its rounds
+    row (with the pre-fill verdicts, see :func:`stage_metrics`)."""
     return _annotation_stage(
         store,
         round_,
@@ -111,6 +113,8 @@ def _annotation_stage(
     version = int(model_meta["version"])
     started = time.perf_counter()
     thresholds: dict[str, float] = {}
+    # What the annotator did that leaves no mask in the store, summed over this run's images.
+    run_counts = dict.fromkeys(("prefill_deleted", "skipped_small", "skipped_budget"), 0)
     with StageWriter(store, round_, stage) as writer:
         todo = [plan.images[i] for i in image_ids if not writer.done(i)]
         # One query for the stage: what earlier rounds drew on each image (shown, not redone).
@@ -126,27 +130,37 @@ def _annotation_stage(
             image = read_stored_image(writer, row)
             if image is None:
                 continue
-            records: list[dict[str, Any]] = []
-            existing = list(earlier[row.image_id])
+            prefill: list[dict[str, Any]] = []
             try:
                 with torch.inference_mode():
                     if generator is not None:
-                        for record in generator.generate(image):
-                            records.append({**record, "source": "model"})
-                            existing.append(record["segmentation"])
+                        prefill = [{**r, "source": "model"} for r in generator.generate(image)]
                     predictor.set_image(image)
-                    annotation = annotator.annotate(row.image_id, image, predictor, existing)
+                    annotation = annotator.annotate(
+                        row.image_id,
+                        image,
+                        predictor,
+                        earlier[row.image_id],
+                        [record["segmentation"] for record in prefill],
+                    )
             except Exception as error:  # noqa: BLE001 - one image's error must not end the round
                 message = f"{row.uri}: model_error: {type(error).__name__}: {error}"
                 writer.write_failures(
                     row.image_id, [{"image_id": row.image_id, "uri": row.uri, "error": message}]
                 )
                 continue
+            # The pre-fill the annotator kept as is stays the model's; the rest it corrected
+            # (now among its own masks) or deleted.
+            records = [prefill[index] for index in annotation.kept_prefill]
             records.extend(annotation.records(annotator.source))
+            for name in run_counts:
+                run_counts[name] += getattr(annotation, name)
             for index, record in enumerate(records):
                 record.update(image_id=row.image_id, index=index)
             writer.write_masks(row.image_id, records, model_version=version)
-        metrics = stage_metrics(store, round_, stage, model_meta, time.perf_counter() - started)
+        metrics = stage_metrics(
+            store, round_, stage, model_meta, time.perf_counter() - started, run_counts
+        )
         return writer.finish(model_version=version, metrics={**metrics, **thresholds})
 
 
@@ -230,31 +244,62 @@ def stage_metrics(
     stage: str,
     model_meta: dict[str, Any],
     compute_seconds: float | None = None,
+    run_counts: dict[str, int] | None = None,
 ) -> dict[str, float | int | None]:
     """A round's figures, counted from what is stored (so a resumed round counts everything).
 
     ``images``: images done (:func:`storage.queries.images_done`: committed, with masks or
-    none; the rounds row's ``images`` too); ``masks_per_image``; ``annotated``: masks drawn
-    with clicks; ``clicks_per_mask`` and ``seconds_per_mask`` over those; ``seconds``:
-    annotation time in all; ``failures``: images refused; ``heldout_miou``: held-out 1-click
-    mIoU of the model used; ``compute_seconds``: wall time of the last (possibly resumed) run.
+    none; the rounds row's ``images`` too); ``masks_per_image``; ``annotated``: masks an
+    annotator made (clicks recorded; a corrected pre-fill has none); over those,
+    ``clicks_per_mask``, ``strokes_per_mask``, ``stroke_seconds_per_mask``,
+    ``seconds_per_mask`` and ``model_iou_mean`` (mean IoU of the model's mask before any
+    stroke with the mask accepted); ``seconds``: annotation time in all; ``failures``: images
+    refused; ``heldout_miou``: held-out 1-click mIoU of the model used; ``compute_seconds``:
+    wall time of the last (possibly resumed) run.
+
+    ``run_counts`` (an annotation stage's run): ``skipped_small``, ``skipped_budget`` and
+    ``prefill_deleted``, summed over the images the run annotated. They leave no mask, so they
+    are not in the store: a resumed round counts only its last run's images; None without
+    them (a person's web session). The semi stage adds the pre-fill verdicts: ``prefill_kept``
+    (its masks of source ``model``), ``prefill_corrected`` (annotated with no click),
+    ``prefill_deleted`` and ``prefill`` (the three together).
     """
     figures = stage_figures(store, round_, stage)
     images, masks, annotated = figures["images"], figures["masks"], figures["annotated"]
     seconds = figures["seconds"]
     model_metrics = model_meta.get("metrics") or {}
-    return {
+    counts = run_counts or {}
+
+    def per_mask(total: float) -> float | None:
+        return total / annotated if annotated else None
+
+    metrics: dict[str, float | int | None] = {
         "images": images,
         "masks": masks,
         "masks_per_image": masks / images if images else None,
         "annotated": annotated,
-        "clicks_per_mask": figures["clicks"] / annotated if annotated else None,
+        "clicks_per_mask": per_mask(figures["clicks"]),
+        "strokes_per_mask": per_mask(figures["strokes"]),
+        "stroke_seconds_per_mask": per_mask(figures["stroke_seconds"]),
         "seconds": seconds,
-        "seconds_per_mask": seconds / annotated if annotated else None,
+        "seconds_per_mask": per_mask(seconds),
+        "model_iou_mean": figures["model_iou_mean"],
+        "skipped_small": counts.get("skipped_small"),
+        "skipped_budget": counts.get("skipped_budget"),
         "failures": figures["failures"],
         "heldout_miou": model_metrics.get("heldout_miou"),
         "compute_seconds": compute_seconds,
     }
+    if stage == "semi":
+        deleted = counts.get("prefill_deleted")
+        kept, corrected = figures["model_masks"], figures["no_click_masks"]
+        metrics.update(
+            prefill=None if deleted is None else kept + corrected + deleted,
+            prefill_kept=kept,
+            prefill_corrected=corrected,
+            prefill_deleted=deleted,
+        )
+    return metrics
 
 
 def _bar(items, desc: str, enabled: bool, total: int | None = None):

@@ -257,6 +257,98 @@ def plot_rounds(catalog: Catalog, out_dir: str) -> str:
     return _save(fig, out_dir, "rounds.png")
 
 
+# The learning-curve panels: (title, y label, [(row key, series label, line style)]).
+_CURVES = [
+    ("Seconds per mask", "seconds", [("seconds_per_mask", "annotation time", "-")]),
+    (
+        "Clicks and strokes per mask",
+        "per mask",
+        [("clicks_per_mask", "clicks", "-"), ("strokes_per_mask", "strokes", "--")],
+    ),
+    ("Model IoU before correction", "IoU", [("model_iou", "model mask vs accepted", "-")]),
+    ("Masks per image", "masks", [("masks_per_image", "masks per image", "-")]),
+    (
+        "Held-out 1-click mIoU",
+        "mIoU",
+        [("used_miou", "model the round used", "-"), ("produced_miou", "model it produced", "--")],
+    ),
+    (
+        "Held-out NoC@90",
+        "clicks",
+        [
+            ("used_noc90", "model the round used", "-"),
+            ("produced_noc90", "model it produced", "--"),
+        ],
+    ),
+]
+_STAGE_MARKERS = {"manual": "o", "semi": "s", "auto": "^"}
+
+
+def plot_learning_curves(catalog: Catalog, out_dir: str) -> str:
+    """The data engine's learning curves, one panel per figure of
+    ``storage.queries.learning_curves``: annotation cost per mask, how much of the model's mask
+    was kept, masks per image and the held-out quality of the model each round used and
+    produced. x: round; markers: the round's stage."""
+    from maskmill.storage.queries import learning_curves
+
+    rows = learning_curves(catalog)
+    fig = Figure(figsize=(13, 7), layout="constrained")
+    axes = fig.subplots(2, 3).ravel()
+    rounds = [int(r["round"]) for r in rows]
+    for ax, (title, ylabel, series) in zip(axes, _CURVES, strict=True):
+        ax.set_title(title)
+        drawn = False
+        for colour, (key, label, style) in enumerate(series):
+            points = [(int(r["round"]), r[key], r["stage"]) for r in rows if r.get(key) is not None]
+            if not points:
+                continue
+            drawn = True
+            ax.plot(
+                [x for x, _, _ in points],
+                [y for _, y, _ in points],
+                style,
+                color=f"C{colour}",
+                label=label,
+            )
+            for row in rows:
+                if row.get(key) is None:
+                    continue
+                # A produced model that was not promoted: a hollow marker.
+                rejected = key.startswith("produced") and row.get("produced_promoted") is False
+                ax.scatter(
+                    [int(row["round"])],
+                    [row[key]],
+                    marker=_STAGE_MARKERS.get(row["stage"], "o"),
+                    facecolor="white" if rejected else f"C{colour}",
+                    edgecolor=f"C{colour}",
+                    zorder=3,
+                )
+        if not drawn:
+            _empty(ax, "no data yet")
+            continue
+        ax.set_xlabel("round")
+        ax.set_ylabel(ylabel)
+        ax.set_xticks(sorted(set(rounds)))
+        ax.set_xlim(min(rounds) - 0.5, max(rounds) + 0.5)
+        ax.set_ylim(0, 1.02 if "IoU" in title else None)
+        ax.grid(alpha=0.3)
+        if len(series) > 1:
+            ax.legend(frameon=False, fontsize=8)
+    stages = sorted({r["stage"] for r in rows}, key=list(_STAGE_MARKERS).index)
+    handles = [
+        axes[0].scatter([], [], color="0.3", marker=_STAGE_MARKERS[s], label=s) for s in stages
+    ]
+    if handles:
+        fig.legend(
+            handles=handles,
+            loc="outside lower center",
+            ncol=len(handles),
+            frameon=False,
+            title="stage of the round (hollow: a produced model that was not promoted)",
+        )
+    return _save(fig, out_dir, "learning_curves.png")
+
+
 def plot_stats(catalog: Catalog, out_dir: str) -> list[str]:
     """Draw every figure into ``out_dir`` (created if needed); return the PNG paths."""
     fs, root = fsspec.core.url_to_fs(out_dir)
@@ -269,5 +361,6 @@ def plot_stats(catalog: Catalog, out_dir: str) -> list[str]:
             plot_centres,
             plot_scores,
             plot_rounds,
+            plot_learning_curves,
         )
     ]

@@ -143,17 +143,26 @@ def stage_figures(source: Store | str | Catalog, round_: int, stage: str) -> dic
     """What a round and stage holds, counted from its committed shards.
 
     Returns:
-        ``images`` (:func:`images_done`, a count), ``masks``, ``annotated`` (masks drawn with
-        clicks), ``clicks`` (over those), ``seconds`` (annotation time in all) and
-        ``failures`` (distinct images or URIs refused).
+        ``images`` (:func:`images_done`, a count), ``masks``, ``annotated`` (masks an annotator
+        made: clicks recorded, possibly none), ``clicks``, ``strokes``, ``stroke_seconds`` (over
+        those), ``model_iou_mean`` (their mean IoU of the model's mask with the accepted one;
+        None when none has it), ``seconds`` (annotation time in all), ``model_masks`` (source
+        ``model``: a semi stage's kept pre-fill), ``no_click_masks`` (annotated with no click:
+        a corrected pre-fill) and ``failures`` (distinct images or URIs refused).
     """
     with _opened(source) as catalog:
         images = len(images_done(catalog, round_, stage))
-        masks, annotated, clicks, seconds = catalog.con.execute(
+        row = catalog.con.execute(
             "SELECT count(*), count(clicks), coalesce(sum(len(clicks)), 0), "
-            "coalesce(sum(seconds), 0) FROM masks WHERE round = ? AND stage = ?",
-            [int(round_), stage],
+            "coalesce(sum(strokes) FILTER (WHERE clicks IS NOT NULL), 0), "
+            "coalesce(sum(stroke_seconds) FILTER (WHERE clicks IS NOT NULL), 0), "
+            "avg(model_iou) FILTER (WHERE clicks IS NOT NULL), coalesce(sum(seconds), 0), "
+            "count(*) FILTER (WHERE source = ?), count(*) FILTER (WHERE len(clicks) = 0) "
+            "FROM masks WHERE round = ? AND stage = ?",
+            ["model", int(round_), stage],
         ).fetchone()
+        masks, annotated, clicks, strokes, stroke_seconds, model_iou_mean, seconds = row[:7]
+        model_masks, no_click_masks = row[7:]
         (failures,) = catalog.con.execute(
             "SELECT count(DISTINCT coalesce(image_id, uri)) FROM failures "
             "WHERE round = ? AND stage = ?",
@@ -164,28 +173,14 @@ def stage_figures(source: Store | str | Catalog, round_: int, stage: str) -> dic
         "masks": int(masks),
         "annotated": int(annotated),
         "clicks": int(clicks),
+        "strokes": int(strokes),
+        "stroke_seconds": float(stroke_seconds),
+        "model_iou_mean": None if model_iou_mean is None else float(model_iou_mean),
         "seconds": float(seconds),
+        "model_masks": int(model_masks),
+        "no_click_masks": int(no_click_masks),
         "failures": int(failures),
     }
-
-
-def rounds_rows(
-    source: Store | str | Catalog, stages: Sequence[str] = ANNOTATION_STAGES
-) -> list[dict[str, Any]]:
-    """The rounds table's rows of ``stages`` (default: the annotation stages, not ground
-    truth), ordered by round and stage; ``metrics`` parsed from its JSON (``{}`` when none)."""
-    with _opened(source) as catalog:
-        columns, rows = catalog.query(
-            "SELECT round, stage, model_version, images, masks, metrics FROM rounds "
-            "WHERE stage IN (SELECT unnest(?)) ORDER BY round, stage",
-            [list(stages)],
-        )
-    out = []
-    for row in rows:
-        record = dict(zip(columns, row, strict=True))
-        record["metrics"] = json.loads(record["metrics"] or "{}")
-        out.append(record)
-    return out
 
 
 def stage_progress(
@@ -199,3 +194,68 @@ def stage_progress(
         ).fetchall()
         finished = catalog.con.execute("SELECT DISTINCT round, stage FROM rounds").fetchall()
     return {(int(r), s) for r, s in started}, {(int(r), s) for r, s in finished}
+
+
+def categories(source: Store | str | Catalog) -> dict[str, int | None]:
+    """Category names of the store's masks (ground truth's and those annotators gave), sorted,
+    each with its category id: the smallest stored with the name, None when it has none."""
+    with _opened(source) as catalog:
+        rows = catalog.con.execute(
+            "SELECT category, min(category_id) FROM masks WHERE category IS NOT NULL "
+            "GROUP BY category ORDER BY category"
+        ).fetchall()
+    return {name: None if category_id is None else int(category_id) for name, category_id in rows}
+
+
+def learning_curves(source: Store | str | Catalog) -> list[dict[str, Any]]:
+    """Per finished round and stage, what annotation cost and what the model was: the data
+    engine's learning curves (SA-1B-paper style).
+
+    Each row: ``round``, ``stage``, ``model_version`` (the model the round used), ``images``,
+    ``masks``, ``masks_per_image``; over the masks an annotator drew or corrected (source not
+    ``model``): ``annotated``, ``seconds_per_mask``, ``clicks_per_mask``, ``strokes_per_mask``,
+    ``model_iou`` (mean IoU of the model's mask before correction with the accepted one); the
+    used model's held-out ``used_miou`` / ``used_noc90``, and the model trained after the round
+    (meta ``round`` = this round), if any: ``produced_version``, ``produced_miou``,
+    ``produced_noc90``, ``produced_promoted`` (None where its meta does not say); and the
+    round's own metrics (``metrics``, a dict).
+    """
+    with _opened(source) as catalog:
+        columns, rows = catalog.query(
+            """SELECT r.round, r.stage, r.model_version, r.images, r.metrics,
+                      count(m.mask_id) AS masks,
+                      count(m.mask_id) FILTER (WHERE m.source <> 'model') AS annotated,
+                      avg(m.seconds) FILTER (WHERE m.source <> 'model') AS seconds_per_mask,
+                      avg(coalesce(len(m.clicks), 0)) FILTER (WHERE m.source <> 'model')
+                          AS clicks_per_mask,
+                      avg(coalesce(m.strokes, 0)) FILTER (WHERE m.source <> 'model')
+                          AS strokes_per_mask,
+                      avg(m.model_iou) FILTER (WHERE m.source <> 'model') AS model_iou
+               FROM rounds r LEFT JOIN masks m ON m.round = r.round AND m.stage = r.stage
+               WHERE r.stage IN (SELECT unnest(?))
+               GROUP BY ALL ORDER BY r.round, r.stage""",
+            [list(ANNOTATION_STAGES)],
+        )
+        metas = {int(m["version"]): m for m in catalog.store.model_metas()}
+    produced_by: dict[int, dict[str, Any]] = {}
+    for meta in sorted(metas.values(), key=lambda m: int(m["version"])):
+        if meta.get("round"):
+            produced_by[int(meta["round"])] = meta  # the newest version trained after it
+    out = []
+    for row in rows:
+        record = dict(zip(columns, row, strict=True))
+        record["metrics"] = json.loads(record["metrics"] or "{}")
+        images = int(record["images"] or 0)
+        record["masks_per_image"] = record["masks"] / images if images else None
+        used = metas.get(int(record["model_version"])) if record["model_version"] else None
+        used_metrics = (used or {}).get("metrics") or {}
+        record["used_miou"] = used_metrics.get("heldout_miou")
+        record["used_noc90"] = used_metrics.get("heldout_noc90")
+        produced = produced_by.get(int(record["round"]))
+        produced_metrics = (produced or {}).get("metrics") or {}
+        record["produced_version"] = int(produced["version"]) if produced else None
+        record["produced_miou"] = produced_metrics.get("heldout_miou")
+        record["produced_noc90"] = produced_metrics.get("heldout_noc90")
+        record["produced_promoted"] = (produced or {}).get("promoted")
+        out.append(record)
+    return out

@@ -18,7 +18,7 @@ from maskmill.storage.queries import (
     existing_masks,
     image_infos,
     images_done,
-    rounds_rows,
+    learning_curves,
     stage_figures,
     stage_progress,
     training_set,
@@ -101,7 +101,7 @@ def test_images_done_counts_an_image_finished_with_no_masks(store):
     assert images_done(store, 0, "gt") == ["A", "B"]  # one shard of several images
     figures = stage_figures(store, 1, "manual")
     assert (figures["images"], figures["masks"], figures["failures"]) == (2, 2, 0)
-    by_stage = {(r["round"], r["stage"]): r for r in rounds_rows(store)}
+    by_stage = {(r["round"], r["stage"]): r for r in learning_curves(store)}
     assert sorted(by_stage) == [(1, "manual"), (2, "semi"), (3, "auto")]  # no ground truth
     assert (by_stage[1, "manual"]["images"], by_stage[1, "manual"]["masks"]) == (2, 2)
     assert stage_metrics(store, 1, "manual", {})["images"] == 2

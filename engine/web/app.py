@@ -4,21 +4,27 @@ Endpoints (JSON in and out; every POST must be ``Content-Type: application/json`
 cross-site form cannot send without a CORS preflight this app never grants)::
 
     GET  /                                  the page (engine/web/static/annotate.html)
-    GET  /api/next                          state: the image being annotated, its masks
+    GET  /api/next                          state: the image being annotated, its masks, the
+                                             object being drawn, the store's categories
     GET  /api/images/{image_id}             the image (PNG, or JPEG when large); store ids only
     POST /api/images/{image_id}/predict     {points: [[x, y, label], ...], box: [x0, y0, x1, y1]
                                              | null, mask_input_from_previous: bool,
                                              previous_index: int | null, multimask: bool | null}
-    POST /api/images/{image_id}/accept      {mask: int | null}        -> state
+    POST /api/images/{image_id}/stroke      {mode: "brush" | "eraser", radius: int,
+                                             points: [[x, y], ...]}    -> the object
+    POST /api/images/{image_id}/accept      {mask: int | null, category: str | null} -> state
     POST /api/images/{image_id}/undo        {}                        -> state
     POST /api/images/{image_id}/delete      {index: int}              -> state
+    POST /api/images/{image_id}/edit        {index: int}              -> state
     POST /api/images/{image_id}/clear       {}                        -> state
     POST /api/images/{image_id}/next        {}                        -> state of the next image
 
-Coordinates are XY pixels of the stored image; boxes XYXY. Errors are ``{"error": message}``
-with a 4xx status: 400 malformed JSON, 404 unknown image or path, 409 a request out of turn,
-415 not JSON, 422 a value out of range. Nothing on disk is named by request input: images are
-looked up by id in the store's images table, and the page is one packaged file.
+Coordinates are XY pixels of the stored image; boxes XYXY; a stroke's points are integers (its
+pixels, the object's masks and working time: :mod:`engine.web.session`). Errors are
+``{"error": message}`` with a 4xx status: 400 malformed JSON, 404 unknown image or path, 409 a
+request out of turn, 413 a body over 64 KiB, 415 not JSON, 422 a value out of range. Nothing on
+disk is named by request input: images are looked up by id in the store's images table, and the
+page is one packaged file.
 """
 
 from __future__ import annotations
@@ -101,12 +107,21 @@ def create_app(session: AnnotationSession, allowed_hosts: list[str] | None = Non
         prompt = _prompt(body)
         return session.predict(request.path_params["image_id"], **prompt)
 
+    def stroke(request: Request, body: Any) -> dict[str, Any]:
+        _fields(body, {"mode", "radius", "points"})
+        missing = sorted({"mode", "radius", "points"} - set(body))
+        if missing:
+            raise SessionError(422, f"stroke: {missing} required")
+        return session.stroke(
+            request.path_params["image_id"], body["mode"], body["radius"], body["points"]
+        )
+
     def accept(request: Request, body: Any) -> dict[str, Any]:
-        _fields(body, {"mask"})
+        _fields(body, {"mask", "category"})
         mask = body.get("mask")
         if mask is not None:
             _int(mask, "mask")
-        return session.accept(request.path_params["image_id"], mask)
+        return session.accept(request.path_params["image_id"], mask, body.get("category"))
 
     def undo(request: Request, body: Any) -> dict[str, Any]:
         _fields(body, set())
@@ -117,6 +132,12 @@ def create_app(session: AnnotationSession, allowed_hosts: list[str] | None = Non
         if "index" not in body:
             raise SessionError(422, "index: required (which mask to delete)")
         return session.delete(request.path_params["image_id"], _int(body["index"], "index"))
+
+    def edit(request: Request, body: Any) -> dict[str, Any]:
+        _fields(body, {"index"})
+        if "index" not in body:
+            raise SessionError(422, "index: required (which mask to edit)")
+        return session.edit(request.path_params["image_id"], _int(body["index"], "index"))
 
     def clear(request: Request, body: Any) -> dict[str, Any]:
         _fields(body, set())
@@ -139,9 +160,11 @@ def create_app(session: AnnotationSession, allowed_hosts: list[str] | None = Non
         Route("/api/next", endpoint(next_state), methods=["GET"]),
         Route(image_path, endpoint(image), methods=["GET"]),
         Route(f"{image_path}/predict", endpoint(predict), methods=["POST"]),
+        Route(f"{image_path}/stroke", endpoint(stroke), methods=["POST"]),
         Route(f"{image_path}/accept", endpoint(accept), methods=["POST"]),
         Route(f"{image_path}/undo", endpoint(undo), methods=["POST"]),
         Route(f"{image_path}/delete", endpoint(delete), methods=["POST"]),
+        Route(f"{image_path}/edit", endpoint(edit), methods=["POST"]),
         Route(f"{image_path}/clear", endpoint(clear), methods=["POST"]),
         Route(f"{image_path}/next", endpoint(next_image), methods=["POST"]),
     ]

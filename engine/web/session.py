@@ -22,7 +22,34 @@ annotated. The web app (:mod:`engine.web.app`) is a thin layer of HTTP over its 
 - Clicks: label 1 foreground, 0 background, in pixels of the stored image; a box prompt is
   stored as its two corners with labels 2 (top-left) and 3 (bottom-right), the labels SAM's
   prompt encoder gives box corners.
-- Seconds of a mask: from the first prediction of the object to its accept, measured here.
+- Correction: brush and eraser :class:`Stroke` s edit the object being drawn before it is
+  accepted. A stroke is a polyline of integer XY pixels of the stored image drawn with a round
+  pen of ``radius`` pixels: its pixels are exactly those ``cv2.line(..., thickness=2 * radius)``
+  covers along each segment (a one-point stroke: the disc ``cv2.circle(..., radius, -1)``
+  covers, the same pixels), on the stored pixel grid. The brush sets them, the eraser clears
+  them. The object's mask is always *the model's mask with the object's strokes painted over
+  it, in order*: a click after strokes recomputes the model's mask and paints the strokes again
+  (a correction is never silently dropped), and the strokes apply to each of the ambiguous masks
+  alike. A stroke with nothing drawn starts an object from an empty mask (painted by hand).
+- Editing a stored mask: :meth:`AnnotationSession.edit` takes a mask of the image (pre-filled or
+  the person's) back as the object being drawn; accepting it stores it as the person's mask with
+  the new strokes (and the old mask's clicks, strokes and seconds); Esc, undo or "next image"
+  puts the original back unchanged.
+- Undo steps back the object's last action first (a stroke, or a click: the prediction before
+  it comes back, logits included), then the image's accepts, deletes and edits.
+- Per accepted mask the store gets ``strokes`` (strokes in the accepted mask; undone ones are
+  not counted), ``stroke_seconds`` (working time of its strokes), ``model_iou`` (IoU of the
+  model's mask the strokes were painted on with the accepted mask: 1.0 when nothing was
+  corrected; for an edited pre-filled mask the pre-filled one; None for a mask painted from
+  nothing) and ``category`` (typed or chosen from :func:`storage.queries.categories`; a name the
+  store has not seen gets the next free ``category_id``).
+- Seconds of a mask are *working time*: the sum of the gaps between the person's actions
+  (predict, stroke, undo, edit, accept; the first gap runs from the previous action on the image,
+  or from the image being opened, so finding and aiming at the object counts), each gap capped at
+  :data:`IDLE_CAP_S`: a longer pause counts as that much (a person thinking, not away). Time that
+  ends in a delete, an undo of an accept or "next image" belongs to no mask; an object dropped
+  with Esc or "next image" adds its time to the image's ``abandoned_seconds``. The clock is
+  injectable (``AnnotationSession(clock=...)``) so tests need no sleeping.
 
 Every method is serialised by one lock: the predictor has one current image.
 """
@@ -32,29 +59,38 @@ from __future__ import annotations
 import copy
 import io
 import math
+import numbers
 import os
 import socket
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import cv2
 import numpy as np
 import torch
 from PIL import Image
 
-from maskmill.engine.annotators import AnnotatedMask, Annotation, Annotator, Click
+from maskmill.engine.annotators import AnnotatedMask, Annotation, Annotator, Click, iou_matrix
 from maskmill.engine.stages import read_stored_image, stage_generator, stage_metrics
 from maskmill.model import Predictor, Sam, load_model
 from maskmill.storage import StageWriter, Store, rle
 from maskmill.storage.images import BadImageError, ImageInfo, load_stored_image
-from maskmill.storage.queries import existing_masks, image_infos, stage_progress
+from maskmill.storage.queries import categories, existing_masks, image_infos, stage_progress
 
 STAGES = ("manual", "semi")
 # Box corners in the clicks column: SAM's prompt-encoder labels for a box's two corners.
 BOX_TOP_LEFT, BOX_BOTTOM_RIGHT = 2, 3
 MAX_POINTS = 64  # more clicks on one object is a stuck page, not annotation
+# A gap between two actions of the person longer than this counts as this (module doc).
+IDLE_CAP_S = 10.0
+STROKE_MODES = ("brush", "eraser")
+MAX_RADIUS = 512  # pixels; a wider pen is a fill, not a stroke
+MAX_STROKE_POINTS = 2000  # the page splits longer strokes
+MAX_STROKES = 1000  # on one object
+MAX_CATEGORY_CHARS = 64
 # Images up to this many pixels go to the page as PNG, bigger ones as JPEG (encoding speed).
 PNG_MAX_PIXELS = 4_000_000
 
@@ -93,8 +129,10 @@ class WebAnnotator(Annotator):
         image: np.ndarray,
         predictor: Predictor,
         existing: Sequence[dict[str, Any]],
+        prefill: Sequence[dict[str, Any]] = (),
     ) -> Annotation:
-        """What the person accepted on ``image_id`` so far (a copy; the person did the work)."""
+        """What the person accepted on ``image_id`` so far (a copy; the person did the work).
+        The session keeps the pre-fill the person did not delete itself."""
         return copy.deepcopy(self.work(image_id))
 
 
@@ -115,6 +153,101 @@ class Prediction:
     clicks: list[Click]
 
 
+@dataclass(frozen=True)
+class Stroke:
+    """One brush or eraser stroke (its pixels: see the module doc).
+
+    Attributes:
+        mode: ``brush`` (sets its pixels) or ``eraser`` (clears them).
+        radius: the pen's radius in pixels, >= 1.
+        points: (N, 2) int32 XY pixels of the stored image, N >= 1, inside it.
+    """
+
+    mode: str
+    radius: int
+    points: np.ndarray
+
+    def footprint(self, height: int, width: int) -> tuple[tuple[slice, slice], np.ndarray]:
+        """The pixels the stroke covers on an (H, W) grid: (rows, cols) slices of the grid and
+        the (h, w) bool patch inside them. Drawn in the stroke's bounding box only (cv2's thick
+        lines do not change when integer points are shifted), so a stroke costs its own size,
+        not the image's."""
+        r = self.radius
+        (x0, y0), (x1, y1) = self.points.min(axis=0) - r, self.points.max(axis=0) + r + 1
+        x0, y0, x1, y1 = max(int(x0), 0), max(int(y0), 0), min(int(x1), width), min(int(y1), height)
+        patch = np.zeros((y1 - y0, x1 - x0), np.uint8)
+        local = (self.points - np.array([x0, y0])).astype(np.int32).reshape(-1, 1, 2)
+        cv2.polylines(patch, [local], isClosed=False, color=1, thickness=2 * r)
+        return (slice(y0, y1), slice(x0, x1)), patch.astype(bool)
+
+    def paint(self, masks: np.ndarray) -> None:
+        """Apply the stroke in place to ``masks``, (..., H, W) bool."""
+        (rows, cols), patch = self.footprint(*masks.shape[-2:])
+        region = masks[..., rows, cols]  # a view: the edit lands in ``masks``
+        if self.mode == "brush":
+            region |= patch
+        else:
+            region &= ~patch
+
+
+@dataclass
+class WebMask(AnnotatedMask):
+    """A mask the person accepted, with what an edit of it needs.
+
+    Attributes:
+        model_mask: COCO RLE of the model's mask the strokes were painted on (the pre-filled
+            mask for an edited pre-fill), None for a mask painted from nothing.
+        from_prefill: it is a corrected pre-filled mask.
+    """
+
+    model_mask: dict[str, Any] | None = None
+    from_prefill: bool = False
+
+
+@dataclass
+class _Reopened:
+    """A stored mask of the image taken back for editing (:meth:`AnnotationSession.edit`)."""
+
+    where: str  # "model": a pre-filled record; "web": one of the person's masks
+    position: int  # where it was in its list, to put it back
+    item: dict[str, Any] | WebMask  # the original, as it was
+    mask: np.ndarray  # (H, W) bool, the original decoded
+
+    def as_web_mask(self) -> WebMask:
+        """The original as a person's mask (a pre-filled record: no clicks, strokes or time)."""
+        if isinstance(self.item, WebMask):
+            return self.item
+        return WebMask(
+            self.item["segmentation"],
+            [],
+            0.0,
+            self.item.get("predicted_iou"),
+            category=self.item.get("category"),
+            model_mask=self.item["segmentation"],
+            from_prefill=True,
+        )
+
+
+@dataclass
+class _Object:
+    """The object being drawn: the model's masks for its clicks (or a reopened mask, or an
+    empty one) with its strokes painted over them."""
+
+    prediction: Prediction | None = None
+    reopened: _Reopened | None = None
+    strokes: list[Stroke] = field(default_factory=list)
+    edited: np.ndarray | None = None  # (C, H, W) bool: the base masks with the strokes painted
+    # the object's actions, for undo: ("predict", the prediction before it, packed) | ("stroke",)
+    history: list[tuple[str, Any]] = field(default_factory=list)
+    seconds: float = 0.0  # working time (module doc)
+    stroke_seconds: float = 0.0
+    predictions: int = 0  # predictions asked for (for an abandoned object)
+
+    @property
+    def drawing(self) -> bool:
+        return self.prediction is not None or self.reopened is not None or bool(self.strokes)
+
+
 @dataclass
 class _OpenImage:
     """The image being annotated and the work on it."""
@@ -123,10 +256,9 @@ class _OpenImage:
     image: np.ndarray  # (H, W, 3) uint8 RGB, the stored pixel grid
     prefill: list[dict[str, Any]]  # generator records (semi stage), source "model"
     existing: list[dict[str, Any]]  # RLEs of earlier rounds' masks (shown, not editable)
+    last_action: float  # clock time of the person's last action on the image
     encoded: tuple[bytes, str] | None = None  # the image as the page gets it, and its type
-    prediction: Prediction | None = None
-    object_started: float | None = None  # time.monotonic() of the object's first prediction
-    object_clicks: int = 0  # predictions asked for the object (for abandoned objects)
+    object: _Object = field(default_factory=_Object)
     history: list[tuple[str, Any]] = field(default_factory=list)  # edits, for undo
 
 
@@ -148,6 +280,7 @@ class AnnotationSession:
         generator_options: ``MaskGenerator`` options of the semi stage's pre-fill, over the
             stage grid and the model's ``semi`` preset; ignored for ``manual``.
         model_meta: the stored model's meta, for the round's metrics (held-out mIoU).
+        clock: seconds of a monotonic clock, for working time (default ``time.monotonic``).
     """
 
     def __init__(
@@ -160,6 +293,7 @@ class AnnotationSession:
         annotator: WebAnnotator | None = None,
         generator_options: dict[str, Any] | None = None,
         model_meta: dict[str, Any] | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if stage not in STAGES:
             raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
@@ -179,6 +313,8 @@ class AnnotationSession:
         owner = f"{socket.gethostname()}:{os.getpid()} (maskmill serve, {self.annotator.source})"
         self.writer = StageWriter(self.store, self.round, stage, owner=owner)
         self.images: dict[str, ImageInfo] = {}
+        self.categories: dict[str, int | None] = {}  # name -> category id (module doc)
+        self.clock = clock
         self.finished: dict[str, Any] | None = None  # the rounds row, once every image is done
         self._open: _OpenImage | None = None
         self._lock = threading.RLock()
@@ -189,6 +325,7 @@ class AnnotationSession:
         self.writer.__enter__()
         try:
             self.images = image_infos(self.store)
+            self.categories = categories(self.store)
         except BaseException:
             self.writer.__exit__(None, None, None)
             raise
@@ -237,7 +374,7 @@ class AnnotationSession:
         previous_index: int | None = None,
         multimask: bool | None = None,
     ) -> dict[str, Any]:
-        """Masks for a prompt on the open image.
+        """Masks for a prompt on the open image, with the object's strokes painted over them.
 
         Args:
             image_id: the open image (else 409).
@@ -250,9 +387,10 @@ class AnnotationSession:
                 mask prompt (where a click is ambiguous), one mask otherwise.
 
         Returns:
-            ``masks`` (each a COCO compressed RLE ``{size: [h, w], counts: str}``, the store's
-            own encoding), ``scores``, ``best`` (index of the top score),
-            ``decode_ms`` (prompt encoder + decoder + upsampling, this call).
+            the object (:meth:`_object_view`: ``masks``, each a COCO compressed RLE
+            ``{size: [h, w], counts: str}``, the store's own encoding, ``scores``, ``best``
+            (index of the top score), ``clicks``, ``strokes``, ``seconds``...), ``image_id``,
+            ``height``, ``width`` and ``decode_ms`` (prompt encoder + decoder + upsampling).
 
         Raises:
             SessionError: 404 unknown image, 409 not the open image or no previous
@@ -266,7 +404,7 @@ class AnnotationSession:
             box_array = None if box is None else np.asarray(box, np.float64).reshape(4)
             mask_input = None
             if mask_input_from_previous:
-                previous = work.prediction
+                previous = work.object.prediction
                 if previous is None:
                     raise SessionError(409, "mask_input_from_previous: no previous prediction")
                 index = (
@@ -300,67 +438,168 @@ class AnnotationSession:
             if box_array is not None:
                 x0, y0, x1, y1 = (float(v) for v in box_array)
                 clicks += [(x0, y0, BOX_TOP_LEFT), (x1, y1, BOX_BOTTOM_RIGHT)]
-            work.prediction = Prediction(masks, scores, low_res, clicks)
-            if work.object_started is None:
-                work.object_started = time.monotonic()
-            work.object_clicks += 1
+            obj = work.object
+            obj.history.append(("predict", _packed(obj.prediction)))
+            obj.prediction = Prediction(masks, scores, low_res, clicks)
+            obj.predictions += 1
+            obj.seconds += self._worked(work)
+            self._repaint(work)
             return {
                 "image_id": image_id,
                 "height": height,
                 "width": width,
-                "masks": [rle.encode(m) for m in masks],
-                "scores": [float(s) for s in scores],
-                "best": int(np.argmax(scores)),
+                **self._object_view(work),
                 "decode_ms": decode_ms,
             }
 
-    # --------------------------------------------------------------------------------- edits
+    def stroke(
+        self, image_id: str, mode: str, radius: int, points: Sequence[Sequence[int]]
+    ) -> dict[str, Any]:
+        """Paint a brush or eraser stroke on the object being drawn; with nothing drawn, on an
+        empty mask (an object painted by hand).
 
-    def accept(self, image_id: str, mask: int | None = None) -> dict[str, Any]:
-        """Accept mask ``mask`` (default the best) of the last prediction: it joins the image's
-        annotation with the prediction's clicks and the seconds since the object's first
-        prediction, and the image's shard is rewritten. Returns the new state."""
+        Args:
+            image_id: the open image (else 409).
+            mode: ``brush`` or ``eraser``.
+            radius: the pen's radius in pixels, 1..``MAX_RADIUS``.
+            points: ``[[x, y], ...]``, 1..``MAX_STROKE_POINTS`` integer XY pixels inside the
+                image: the polyline the pen follows.
+
+        Returns:
+            the object (:meth:`_object_view`) and ``image_id``.
+
+        Raises:
+            SessionError: 404 unknown image, 409 not the open image, 422 a malformed stroke or
+                ``MAX_STROKES`` strokes on the object already.
+        """
         with self._lock:
             work = self._current(image_id)
-            prediction = work.prediction
-            if prediction is None:
-                raise SessionError(409, "nothing to accept: click on an object first")
-            index = int(np.argmax(prediction.scores)) if mask is None else mask
-            if not 0 <= index < len(prediction.scores):
+            stroke = check_stroke(mode, radius, points, *work.image.shape[:2])
+            obj = work.object
+            if len(obj.strokes) >= MAX_STROKES:
                 raise SessionError(
-                    422,
-                    f"mask {index} is out of range: the prediction has "
-                    f"{len(prediction.scores)} masks",
+                    422, f"the object has {MAX_STROKES} strokes already: accept it or clear it"
                 )
-            segmentation = rle.encode(prediction.masks[index])
+            gap = self._worked(work)
+            obj.seconds += gap
+            obj.stroke_seconds += gap
+            if obj.edited is None:  # the first stroke: paint on a copy of the base masks
+                obj.edited = self._base(work).copy()
+            obj.strokes.append(stroke)
+            obj.history.append(("stroke", None))
+            stroke.paint(obj.edited)
+            return {"image_id": image_id, **self._object_view(work)}
+
+    # --------------------------------------------------------------------------------- edits
+
+    def accept(
+        self, image_id: str, mask: int | None = None, category: str | None = None
+    ) -> dict[str, Any]:
+        """Accept mask ``mask`` (default the best) of the object, strokes painted: it joins the
+        image's annotation with its clicks, strokes, working seconds and ``model_iou`` (module
+        doc), and the image's shard is rewritten. Returns the new state.
+
+        Args:
+            image_id: the open image (else 409).
+            mask: index into the object's masks (the ambiguous masks of a single click).
+            category: the object's category name (:func:`check_category`); None keeps an edited
+                mask's own, else none.
+        """
+        with self._lock:
+            work = self._current(image_id)
+            obj = work.object
+            if not obj.drawing:
+                raise SessionError(409, "nothing to accept: click on an object or paint it first")
+            masks = self._masks(work)
+            index = self._best(obj) if mask is None else mask
+            if not 0 <= index < len(masks):
+                raise SessionError(
+                    422, f"mask {index} is out of range: the object has {len(masks)} masks"
+                )
+            segmentation = rle.encode(masks[index])
             if not int(rle.areas([segmentation])[0]):
                 raise SessionError(422, f"mask {index} is empty: nothing to accept")
-            seconds = time.monotonic() - (work.object_started or time.monotonic())
-            accepted = AnnotatedMask(
+            name = check_category(category)
+            obj.seconds += self._worked(work)
+            prior = obj.reopened.as_web_mask() if obj.reopened is not None else None
+            if obj.prediction is not None:
+                model_mask = rle.encode(obj.prediction.masks[index])
+                clicks = list(obj.prediction.clicks)
+                predicted_iou = float(obj.prediction.scores[index])
+            elif prior is not None:
+                model_mask, clicks, predicted_iou = (
+                    prior.model_mask,
+                    prior.clicks,
+                    prior.predicted_iou,
+                )
+            else:  # painted from nothing: the model drew no part of it
+                model_mask, clicks, predicted_iou = None, [], None
+            model_iou = None
+            if model_mask is not None:
+                model_iou = float(iou_matrix([model_mask], [segmentation])[0, 0])
+            if name is None and prior is not None:
+                name = prior.category
+            if name is not None and name not in self.categories:
+                known = [i for i in self.categories.values() if i is not None]
+                self.categories[name] = max(known, default=0) + 1
+            accepted = WebMask(
                 segmentation,
-                list(prediction.clicks),
-                float(seconds),
-                float(prediction.scores[index]),
+                list(clicks),
+                (prior.seconds if prior else 0.0) + obj.seconds,
+                predicted_iou,
+                strokes=(prior.strokes if prior else 0) + len(obj.strokes),
+                stroke_seconds=(prior.stroke_seconds if prior else 0.0) + obj.stroke_seconds,
+                model_iou=model_iou,
+                category=name,
+                model_mask=model_mask,
+                from_prefill=bool(prior and prior.from_prefill),
             )
-            self.annotator.work(image_id).masks.append(accepted)
-            work.history.append(("accept", None))
-            self._reset_object(work)
+            annotation = self.annotator.work(image_id)
+            reopened = obj.reopened
+            # An edited mask of the person's goes back where it was; any other is appended.
+            if reopened is not None and reopened.where == "web":
+                position = reopened.position
+            else:
+                position = len(annotation.masks)
+            corrected = reopened is not None and reopened.where == "model"
+            annotation.masks.insert(position, accepted)
+            annotation.prefill_corrected += int(corrected)
+            work.history.append(("accept", (position, corrected)))
+            work.object = _Object()
             self._write(work)
             return self._state()
 
     def undo(self, image_id: str) -> dict[str, Any]:
-        """Undo the last accept or delete on the open image; rewrites its shard."""
+        """Undo the object's last stroke or click (the prediction before the click comes back);
+        with none, the image's last accept, delete or edit (rewrites its shard). Returns the
+        state."""
         with self._lock:
             work = self._current(image_id)
+            obj = work.object
+            if obj.history:
+                kind, packed = obj.history.pop()
+                obj.seconds += self._worked(work)
+                if kind == "stroke":
+                    obj.strokes.pop()
+                else:
+                    obj.prediction = _unpacked(packed)
+                self._repaint(work)
+                return self._state()
             if not work.history:
                 raise SessionError(409, "nothing to undo on this image")
+            self._worked(work)  # between objects: no mask's time
             kind, payload = work.history.pop()
             annotation = self.annotator.work(image_id)
             if kind == "accept":
-                annotation.masks.pop()
-            else:  # a delete: put the mask back where it was
-                where, position, item = payload
-                (work.prefill if where == "model" else annotation.masks).insert(position, item)
+                position, corrected = payload
+                annotation.masks.pop(position)
+                annotation.prefill_corrected -= int(corrected)
+            else:  # a delete or an edit: the mask goes back where it was, as it was
+                self._insert(work, *payload)
+                if kind == "delete" and payload[0] == "model":
+                    annotation.prefill_deleted -= 1
+                if kind == "edit":
+                    work.object = _Object()
             self._write(work)
             return self._state()
 
@@ -369,25 +608,44 @@ class AnnotationSession:
         then the person's); rewrites its shard."""
         with self._lock:
             work = self._current(image_id)
+            if work.object.reopened is not None:
+                raise SessionError(409, "a mask is being edited: accept it or clear it (Esc) first")
             annotation = self.annotator.work(image_id)
-            total = len(work.prefill) + len(annotation.masks)
-            if not 0 <= index < total:
-                raise SessionError(
-                    422, f"index {index} is out of range: the image has {total} masks"
-                )
-            if index < len(work.prefill):
-                work.history.append(("delete", ("model", index, work.prefill.pop(index))))
-            else:
-                position = index - len(work.prefill)
-                work.history.append(("delete", ("web", position, annotation.masks.pop(position))))
+            where, position = self._locate(work, index)
+            self._worked(work)  # between objects: no mask's time
+            items = work.prefill if where == "model" else annotation.masks
+            work.history.append(("delete", (where, position, items.pop(position))))
+            annotation.prefill_deleted += int(where == "model")
             self._write(work)
             return self._state()
 
-    def clear(self, image_id: str) -> dict[str, Any]:
-        """Drop the object being drawn (its clicks count as abandoned). Returns the state."""
+    def edit(self, image_id: str, index: int) -> dict[str, Any]:
+        """Take mask ``index`` of the image's masks (as the state lists them) back as the object
+        being drawn, for strokes (module doc). The shard is rewritten when it is accepted; Esc,
+        undo or "next image" put it back unchanged. Returns the state."""
         with self._lock:
             work = self._current(image_id)
-            self._abandon(work)
+            if work.object.drawing:
+                raise SessionError(
+                    409,
+                    f"an object is being drawn: accept it or clear it (Esc) before editing mask "
+                    f"{index}",
+                )
+            where, position = self._locate(work, index)
+            items = work.prefill if where == "model" else self.annotator.work(image_id).masks
+            item = items.pop(position)
+            segmentation = item.segmentation if isinstance(item, WebMask) else item["segmentation"]
+            work.history.append(("edit", (where, position, item)))
+            work.object.reopened = _Reopened(where, position, item, rle.decode(segmentation))
+            work.object.seconds += self._worked(work)
+            return self._state()
+
+    def clear(self, image_id: str) -> dict[str, Any]:
+        """Drop the object being drawn (its time counts as abandoned; an edited mask goes back
+        unchanged). Returns the state."""
+        with self._lock:
+            work = self._current(image_id)
+            self._abandon(work, self._worked(work))
             return self._state()
 
     def next_image(self, image_id: str) -> dict[str, Any]:
@@ -395,7 +653,7 @@ class AnnotationSession:
         one. When none is left, the round's row is written to the rounds table."""
         with self._lock:
             work = self._current(image_id)
-            self._abandon(work)
+            self._abandon(work, self._worked(work))
             self._write(work)
             self._open = None
             self._open_next()
@@ -437,7 +695,7 @@ class AnnotationSession:
                     prefill = [{**r, "source": "model"} for r in self.generator.generate(image)]
                 self.predictor.set_image(image)  # the embedding: once per image
             existing = existing_masks(self.store, [image_id], self.round)[image_id]
-            self._open = _OpenImage(row, image, prefill, existing)
+            self._open = _OpenImage(row, image, prefill, existing, self.clock())
             return
         self._open = None
         if self.finished is None:
@@ -446,30 +704,123 @@ class AnnotationSession:
                 metrics=stage_metrics(self.store, self.round, self.stage, self.model_meta),
             )
 
-    def _abandon(self, work: _OpenImage) -> None:
-        """Count a drawn but not accepted object as abandoned (the Annotation's fields)."""
-        if work.prediction is not None:
+    def _abandon(self, work: _OpenImage, gap: float) -> None:
+        """Drop the object being drawn: a new object counts as abandoned (the Annotation's
+        fields), an edited mask goes back unchanged; either way its time is abandoned time."""
+        obj = work.object
+        if obj.drawing:
             annotation = self.annotator.work(work.row.image_id)
-            annotation.abandoned += 1
-            annotation.abandoned_clicks += work.object_clicks
-            annotation.abandoned_seconds += time.monotonic() - (work.object_started or 0)
-        self._reset_object(work)
+            annotation.abandoned_seconds += obj.seconds + gap
+            if obj.reopened is not None:
+                # While a mask is edited nothing else enters the image's history (delete and
+                # edit are refused): its "edit" entry is the last.
+                _, payload = work.history.pop()
+                self._insert(work, *payload)
+            else:
+                annotation.abandoned += 1
+                annotation.abandoned_clicks += obj.predictions
+        work.object = _Object()
+
+    def _worked(self, work: _OpenImage) -> float:
+        """Working seconds since the person's last action on the image (capped at
+        ``IDLE_CAP_S``); this action becomes the last."""
+        now = self.clock()
+        gap = min(max(now - work.last_action, 0.0), IDLE_CAP_S)
+        work.last_action = now
+        return gap
+
+    def _locate(self, work: _OpenImage, index: int) -> tuple[str, int]:
+        """(list, position) of mask ``index`` as the state lists them: pre-fill, then the
+        person's."""
+        annotation = self.annotator.work(work.row.image_id)
+        total = len(work.prefill) + len(annotation.masks)
+        if not 0 <= index < total:
+            raise SessionError(422, f"index {index} is out of range: the image has {total} masks")
+        if index < len(work.prefill):
+            return "model", index
+        return "web", index - len(work.prefill)
+
+    def _insert(self, work: _OpenImage, where: str, position: int, item: Any) -> None:
+        """Put a deleted or edited mask back where it was."""
+        items = work.prefill if where == "model" else self.annotator.work(work.row.image_id).masks
+        items.insert(position, item)
 
     @staticmethod
-    def _reset_object(work: _OpenImage) -> None:
-        work.prediction = None
-        work.object_started = None
-        work.object_clicks = 0
+    def _base(work: _OpenImage) -> np.ndarray:
+        """(C, H, W) bool: the masks the object's strokes are painted on (the model's, or the
+        edited mask, or an empty one)."""
+        obj = work.object
+        if obj.prediction is not None:
+            return obj.prediction.masks
+        if obj.reopened is not None:
+            return obj.reopened.mask[None]
+        return np.zeros((1, *work.image.shape[:2]), bool)
+
+    def _masks(self, work: _OpenImage) -> np.ndarray:
+        """(C, H, W) bool: the object's masks as they would be stored."""
+        edited = work.object.edited
+        return edited if edited is not None else self._base(work)
+
+    def _repaint(self, work: _OpenImage) -> None:
+        """Paint every stroke again over the object's (new) base masks."""
+        obj = work.object
+        obj.edited = None
+        if obj.strokes:
+            obj.edited = self._base(work).copy()
+            for stroke in obj.strokes:
+                stroke.paint(obj.edited)
+
+    @staticmethod
+    def _best(obj: _Object) -> int:
+        return int(np.argmax(obj.prediction.scores)) if obj.prediction is not None else 0
+
+    def _object_view(self, work: _OpenImage) -> dict[str, Any] | None:
+        """The object as the page shows it, None when nothing is drawn: ``masks`` (COCO
+        RLEs, strokes painted), ``scores`` (predicted IoUs; null for a painted mask), ``best``,
+        ``clicks`` (the prompt, ``[[x, y, label], ...]``, box corners labelled 2 and 3),
+        ``strokes``, ``seconds`` and ``stroke_seconds`` (working time so far), ``refinable``
+        (the last prediction's logits can be fed back) and ``editing`` (``model`` or ``web``
+        for a mask taken back by :meth:`edit`, else None)."""
+        obj = work.object
+        if not obj.drawing:
+            return None
+        if obj.prediction is not None:
+            scores = [float(s) for s in obj.prediction.scores]
+            clicks = obj.prediction.clicks
+        elif obj.reopened is not None:
+            prior = obj.reopened.as_web_mask()
+            scores, clicks = [prior.predicted_iou], prior.clicks
+        else:
+            scores, clicks = [None], []
+        return {
+            "masks": [rle.encode(m) for m in self._masks(work)],
+            "scores": scores,
+            "best": self._best(obj),
+            "clicks": [[float(x), float(y), int(label)] for x, y, label in clicks],
+            "strokes": len(obj.strokes),
+            "seconds": obj.seconds,
+            "stroke_seconds": obj.stroke_seconds,
+            "refinable": obj.prediction is not None,
+            "editing": obj.reopened.where if obj.reopened is not None else None,
+        }
 
     def _records(self, work: _OpenImage) -> list[dict[str, Any]]:
         """The image's mask records, as ``engine.stages`` builds them: pre-fill, then the
         annotator's masks (through the Annotator contract)."""
         image_id = work.row.image_id
-        annotation = self.annotator.annotate(image_id, work.image, self.predictor, work.existing)
+        annotation = self.annotator.annotate(
+            image_id,
+            work.image,
+            self.predictor,
+            work.existing,
+            [record["segmentation"] for record in work.prefill],
+        )
         records = [dict(r) for r in work.prefill]
         records.extend(annotation.records(self.annotator.source))
         for index, record in enumerate(records):
             record.update(image_id=image_id, index=index)
+            if record.get("category") is not None and record.get("category_id") is None:
+                record["category_id"] = self.categories.get(record["category"])
         return records
 
     def _write(self, work: _OpenImage) -> None:
@@ -485,10 +836,22 @@ class AnnotationSession:
             "annotator": self.annotator.source,
             "model_version": self.model_version,
             "total": len(ids),
+            "categories": sorted(self.categories),
+            "idle_cap_s": IDLE_CAP_S,
+            "max_radius": MAX_RADIUS,
+            "max_stroke_points": MAX_STROKE_POINTS,
         }
         work = self._open
         if work is None:
-            return {**base, "done": True, "image": None, "masks": [], "existing": []}
+            return {
+                **base,
+                "done": True,
+                "image": None,
+                "masks": [],
+                "existing": [],
+                "object": None,
+                "can_undo": False,
+            }
         image_id = work.row.image_id
         masks = []
         for record in self._records(work):
@@ -499,6 +862,9 @@ class AnnotationSession:
                     "predicted_iou": record.get("predicted_iou"),
                     "clicks": record.get("clicks"),
                     "seconds": record.get("seconds"),
+                    "strokes": record.get("strokes"),
+                    "model_iou": record.get("model_iou"),
+                    "category": record.get("category"),
                     "mask": _rle(record["segmentation"]),
                 }
             )
@@ -514,7 +880,8 @@ class AnnotationSession:
             },
             "masks": masks,
             "existing": [_rle(r) for r in work.existing],
-            "can_undo": bool(work.history),
+            "object": self._object_view(work),
+            "can_undo": bool(work.history or work.object.history),
         }
 
 
@@ -577,3 +944,65 @@ def default_round(store: Store, stage: str) -> int:
 def finite(value: Any) -> bool:
     """True for an int or float that is not NaN or infinite (bools are not numbers here)."""
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_stroke(mode: Any, radius: Any, points: Any, height: int, width: int) -> Stroke:
+    """A stroke's parts checked against an (H, W) image: ``mode`` ``brush`` / ``eraser``,
+    ``radius`` an integer 1..``MAX_RADIUS``, ``points`` 1..``MAX_STROKE_POINTS`` integer
+    ``[x, y]`` pixels inside the image. Raises SessionError 422 naming what is wrong."""
+    if mode not in STROKE_MODES:
+        raise SessionError(422, f"mode must be 'brush' or 'eraser', got {mode!r}")
+    if not _integer(radius) or not 1 <= radius <= MAX_RADIUS:
+        raise SessionError(
+            422, f"radius must be an integer number of pixels, 1..{MAX_RADIUS}, got {radius!r}"
+        )
+    if not isinstance(points, (list, tuple)) or not points:
+        raise SessionError(422, "points must be a non-empty list of [x, y] pixels")
+    if len(points) > MAX_STROKE_POINTS:
+        raise SessionError(
+            422, f"points: at most {MAX_STROKE_POINTS} per stroke, got {len(points)}"
+        )
+    for i, point in enumerate(points):
+        if not isinstance(point, (list, tuple)) or len(point) != 2 or not all(map(_integer, point)):
+            raise SessionError(422, f"points[{i}] must be [x, y] integer pixels: {point!r}")
+        if not (0 <= point[0] < width and 0 <= point[1] < height):
+            raise SessionError(
+                422,
+                f"points[{i}] = {list(point)} is outside the image ({width} x {height}, W x H)",
+            )
+    return Stroke(str(mode), int(radius), np.asarray(points, np.int32).reshape(-1, 2))
+
+
+def check_category(category: Any) -> str | None:
+    """A category name: None, or a string of 1..``MAX_CATEGORY_CHARS`` printable characters
+    (surrounding spaces dropped). Raises SessionError 422 otherwise."""
+    if category is None:
+        return None
+    if not isinstance(category, str):
+        raise SessionError(422, f"category must be a string or null, got {category!r}")
+    name = category.strip()
+    if not 1 <= len(name) <= MAX_CATEGORY_CHARS or not name.isprintable():
+        raise SessionError(
+            422,
+            f"category must be 1..{MAX_CATEGORY_CHARS} printable characters, got {category!r}",
+        )
+    return name
+
+
+def _integer(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _packed(prediction: Prediction | None) -> tuple | None:
+    """A prediction for the undo stack: its masks as RLEs (a few KB, not H x W bytes each)."""
+    if prediction is None:
+        return None
+    masks = [rle.encode(m) for m in prediction.masks]
+    return masks, prediction.scores, prediction.low_res, prediction.clicks
+
+
+def _unpacked(packed: tuple | None) -> Prediction | None:
+    if packed is None:
+        return None
+    masks, scores, low_res, clicks = packed
+    return Prediction(np.stack([rle.decode(m) for m in masks]), scores, low_res, clicks)
