@@ -30,10 +30,9 @@ import time
 from pathlib import Path
 
 import numpy as np
-from pycocotools import mask as mask_utils
 
 from maskmill.engine.report import format_rounds, rounds_table
-from maskmill.storage import Catalog, Store
+from maskmill.storage import Catalog, Store, rle
 from maskmill.storage.plots import plot_learning_curves
 from maskmill.storage.queries import existing_masks, ground_truth, images_done, learning_curves
 
@@ -51,16 +50,17 @@ def coverage(store: Store, rows: list[dict]) -> dict[str, float]:
     truth = ground_truth(store)
     best = []
     for image_id in images:
-        objects = [o for o in truth.get(image_id, []) if mask_utils.area(_c(o)) >= MIN_OBJECT_AREA]
+        objects = truth.get(image_id, [])
+        objects = [
+            o for o, a in zip(objects, rle.areas(objects), strict=True) if a >= MIN_OBJECT_AREA
+        ]
         if not objects:
             continue
         masks = drawn.get(image_id, [])
         if not masks:
             best += [0.0] * len(objects)
             continue
-        ious = np.asarray(
-            mask_utils.iou([_c(m) for m in masks], [_c(o) for o in objects], [0] * len(objects))
-        ).reshape(len(masks), len(objects))
+        ious = rle.ious(masks, objects)
         best += list(ious.max(axis=0))
     best_array = np.asarray(best)
     return {
@@ -68,11 +68,6 @@ def coverage(store: Store, rows: list[dict]) -> dict[str, float]:
         "covered_50": float((best_array >= 0.5).mean()) if len(best) else 0.0,
         "covered_90": float((best_array >= 0.9).mean()) if len(best) else 0.0,
     }
-
-
-def _c(rle: dict) -> dict:
-    counts = rle["counts"]
-    return {"size": rle["size"], "counts": counts.encode() if isinstance(counts, str) else counts}
 
 
 def yardsticks(store: Store) -> dict[str, float | None]:

@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
                 refine = kind == "refine"
                 # Interleaved, so load from other processes hits all three alike.
                 session.predict(image_id, [[x, y, 1]])
-                previous = session._open.prediction.low_res[:1] if refine else None
+                previous = session._open.object.prediction.low_res[:1] if refine else None
                 coords = np.asarray([p[:2] for p in points], np.float32)
                 labels = np.asarray([p[2] for p in points])
                 t = time.perf_counter()

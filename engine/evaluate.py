@@ -379,7 +379,7 @@ def proposal_quality(
     predicted-IoU filter: (predicted IoU, stability, best IoU with a ground-truth object), each
     (N,). NMS ranks by predicted IoU, so the masks a threshold ``t`` keeps are exactly those of
     these with predicted IoU > ``t``."""
-    from pycocotools import mask as mask_utils
+    from maskmill.storage import rle
 
     options = {
         **generator_options,
@@ -393,9 +393,7 @@ def proposal_quality(
             records = generator.generate(image)
             if not records or not truth:
                 continue
-            ious = mask_utils.iou(
-                [r["segmentation"] for r in records], list(truth), [0] * len(truth)
-            )
+            ious = rle.ious([r["segmentation"] for r in records], list(truth))
             predicted += [r["predicted_iou"] for r in records]
             stability += [r["stability_score"] for r in records]
             best += list(np.asarray(ious).max(axis=1))

@@ -6,33 +6,42 @@ Rounds: ground truth is round 0; assisted-manual rounds are 1..M, semi-automatic
 M+1..M+S, the fully automatic pass M+S+1. Manual and semi rounds each annotate their own share
 of the images (as SAM's rounds annotated new images); the automatic pass covers every image.
 
+Validation: of each manual and semi round's images a share (``VALIDATION_SHARE``) is annotated as
+usual but never trained on; a retrain's candidate is promoted on its 1-click mIoU over those
+images' annotated masks. The held-out images are never validation images: they only report.
+
 Model versions (``<store>/models/v<N>``): v1 is the starting checkpoint (meta ``round`` 0); the
-retrain after round r writes the next version with meta ``round`` r. Round r uses the newest
-version whose meta ``round`` is below r.
+retrain after round r writes the next version with meta ``round`` r and ``promoted`` true or
+false. Round r uses the newest *promoted* version whose meta ``round`` is below r (a version
+whose meta does not say, like v1, counts as promoted).
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 
-from maskmill.engine.evaluate import evaluate_interactive
+from maskmill.engine.evaluate import MAX_CLICKS, evaluate_interactive
 from maskmill.model import Predictor, generator_presets, load_model
 from maskmill.model.checkpoint import checkpoint_payload
 from maskmill.storage import Store, rle
 from maskmill.storage.images import ImageInfo, load_image
-from maskmill.storage.queries import ground_truth, image_infos
+from maskmill.storage.queries import ground_truth, image_infos, training_set
 from maskmill.storage.writer import utc_now
 
 # Held-out evaluation: at most this many ground-truth masks per image (the largest), so that
 # evaluating a model stays a few seconds on a CPU.
 HELDOUT_MASKS_PER_IMAGE = 20
+# Of each annotated round's images, this share (at least one when the round has two or more)
+# is kept out of training to decide promotion: one image in five costs a round a fifth of its
+# training data, and is the fewest that still gives every round of two or more images a say.
+VALIDATION_SHARE = 0.2
 
 
 @dataclass
@@ -45,6 +54,8 @@ class Plan:
         manual: per assisted-manual round, the ids it annotates.
         semi: per semi-automatic round, the ids it annotates.
         auto: the ids of the automatic pass (all images).
+        validation: ids among the manual and semi rounds' that are annotated but never trained
+            on: a retrain is promoted on them (sorted; disjoint from ``heldout``).
     """
 
     images: dict[str, ImageInfo]
@@ -52,6 +63,7 @@ class Plan:
     manual: list[list[str]] = field(default_factory=list)
     semi: list[list[str]] = field(default_factory=list)
     auto: list[str] = field(default_factory=list)
+    validation: list[str] = field(default_factory=list)
 
     def rounds(self) -> list[tuple[int, str, list[str]]]:
         """(round, stage, image ids) of every round, in order."""
@@ -72,14 +84,19 @@ def make_plan(
     auto: bool = True,
     seed: int = 0,
     holdout: float = 0.25,
+    validation: float = VALIDATION_SHARE,
 ) -> Plan:
     """Split the store's images into held-out, per-round and automatic sets, by ``seed``.
 
     The held-out share is taken from images with ground truth (at least one image when there
     is ground truth and ``holdout`` > 0); the rest is dealt round-robin, in a seeded order, to
-    the manual and semi rounds. Without ground truth there is nothing to hold out or to simulate
+    the manual and semi rounds. Of each round's images, ``round(validation x n)`` (at least one
+    when n >= 2 and ``validation`` > 0; never all of them) are validation images, drawn in a
+    second seeded order. Without ground truth there is nothing to hold out or to simulate
     annotation from: manual and semi rounds then need an annotator of their own.
     """
+    if not 0.0 <= validation < 1.0:
+        raise ValueError(f"validation must be a share in [0, 1), got {validation}")
     images = image_infos(store)
     with_gt = sorted(ground_truth(store))
     ordered = sorted(with_gt, key=lambda i: _rank(seed, i))
@@ -95,11 +112,24 @@ def make_plan(
         manual=shares[:manual_rounds],
         semi=shares[manual_rounds:],
         auto=sorted(images) if auto else [],
+        validation=sorted(
+            i for share in shares for i in _validation_share(share, validation, seed)
+        ),
     )
 
 
-def _rank(seed: int, image_id: str) -> str:
-    return hashlib.blake2b(f"{seed}\x1f{image_id}".encode(), digest_size=8).hexdigest()
+def _validation_share(ids: list[str], share: float, seed: int) -> list[str]:
+    """The validation images of one round's ``ids``: the first ``round(share x n)`` (at least
+    one when n >= 2 and ``share`` > 0, at most n - 1) in a seeded order of their own."""
+    if len(ids) < 2 or share <= 0:
+        return []
+    count = min(len(ids) - 1, max(1, round(share * len(ids))))
+    return sorted(ids, key=lambda i: _rank(seed, i, "validation"))[:count]
+
+
+def _rank(seed: int, image_id: str, purpose: str = "") -> str:
+    key = f"{seed}\x1f{image_id}" + (f"\x1f{purpose}" if purpose else "")
+    return hashlib.blake2b(key.encode(), digest_size=8).hexdigest()
 
 
 # --------------------------------------------------------------------------------- model versions
@@ -139,10 +169,16 @@ def ensure_initial_model(
 
 
 def model_for_round(store: Store, round_: int) -> dict[str, Any]:
-    """Meta (with ``uri``) of the model round ``round_`` uses: the newest trained before it."""
-    metas = [m for m in store.model_metas() if int(m.get("round") or 0) < round_]
+    """Meta (with ``uri``) of the model round ``round_`` uses: the newest promoted version
+    trained before it (meta ``round`` below ``round_``; a meta without ``promoted`` counts as
+    promoted)."""
+    metas = [
+        m
+        for m in store.model_metas()
+        if int(m.get("round") or 0) < round_ and m.get("promoted", True)
+    ]
     if not metas:
-        raise LookupError(f"{store.url}: no model version from before round {round_}")
+        raise LookupError(f"{store.url}: no promoted model version from before round {round_}")
     return metas[-1]
 
 
@@ -156,27 +192,76 @@ def evaluate_heldout(
     "heldout_noc90": mean clicks to IoU 0.9, "heldout_masks": n}``; empty when nothing is held
     out.
     """
+    samples = _progress(heldout_samples(store, plan), "held-out mIoU", progress)
+    scores = interactive_scores(model, samples)
+    if scores is None:
+        return {}
+    return {
+        "heldout_miou": float(scores["best"].mean()),
+        "heldout_miou_top1": float(scores["top1"].mean()),
+        "heldout_noc90": float(scores["noc90"].mean()),
+        "heldout_masks": len(scores["best"]),
+    }
+
+
+def interactive_scores(
+    model: torch.nn.Module,
+    samples: Iterable[tuple[np.ndarray, list[dict[str, Any]]]],
+    max_clicks: int = MAX_CLICKS,
+) -> dict[str, np.ndarray] | None:
+    """Per mask, ``evaluate_interactive``'s scores of ``model`` on ``samples`` ((H, W, 3) uint8
+    images, each with its reference COCO RLEs, of which the ``HELDOUT_MASKS_PER_IMAGE`` largest
+    count): ``{"best": 1-click best-of-3 IoU, "top1": 1-click IoU-head pick, "noc90": clicks to
+    IoU 0.9}``, (n,) each (``noc90`` is ``max_clicks`` wherever it is never reached, all of it
+    with ``max_clicks`` 1). None when no sample has a non-empty mask."""
     predictor = Predictor(model)
     best, top1, noc90 = [], [], []
     with torch.inference_mode():
-        for image, objects in _progress(heldout_samples(store, plan), "held-out mIoU", progress):
+        for image, objects in samples:
             largest = np.argsort(-rle.areas(objects), kind="stable")[:HELDOUT_MASKS_PER_IMAGE]
             masks = [rle.decode(objects[i]) for i in largest]
             masks = [m for m in masks if m.any()]
             if not masks:
                 continue
             predictor.set_image(image)
-            result = evaluate_interactive(predictor, np.stack(masks))
+            result = evaluate_interactive(predictor, np.stack(masks), max_clicks=max_clicks)
             best.append(result.one_click_best)
             top1.append(result.one_click_top1)
             noc90.append(result.noc[0.90])
     if not best:
+        return None
+    return {
+        "best": np.concatenate(best),
+        "top1": np.concatenate(top1),
+        "noc90": np.concatenate(noc90),
+    }
+
+
+def validation_samples(
+    store: Store, plan: Plan, stages: Sequence[str], before_round: int, min_mask_area: int = 64
+) -> list[tuple[np.ndarray, list[dict[str, Any]]]]:
+    """The validation images annotated before ``before_round``, each read as stored ((H, W, 3)
+    uint8 RGB, no EXIF turn) with the COCO RLEs of its masks of ``stages`` (the annotators'
+    accepted masks: the truth a data engine has), at least ``min_mask_area`` pixels."""
+    annotated = training_set(
+        store, stages, before_round, plan.heldout, min_mask_area, only=plan.validation
+    )
+    return [(load_image(s["uri"], exif_transpose=False), s["masks"]) for s in annotated]
+
+
+def evaluate_validation(
+    model: torch.nn.Module, samples: list[tuple[np.ndarray, list[dict[str, Any]]]]
+) -> dict[str, float]:
+    """1-click mIoU (best of 3, ``evaluate_heldout``'s protocol) of ``model`` on validation
+    ``samples`` (:func:`validation_samples`): ``{"miou", "masks", "images"}``; empty when
+    there is no mask to score."""
+    scores = interactive_scores(model, samples, max_clicks=1)
+    if scores is None:
         return {}
     return {
-        "heldout_miou": float(np.concatenate(best).mean()),
-        "heldout_miou_top1": float(np.concatenate(top1).mean()),
-        "heldout_noc90": float(np.concatenate(noc90).mean()),
-        "heldout_masks": int(sum(len(b) for b in best)),
+        "miou": float(scores["best"].mean()),
+        "masks": len(scores["best"]),
+        "images": len(samples),
     }
 
 

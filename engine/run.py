@@ -78,20 +78,27 @@ class EngineSettings(BaseModel):
     )
     scenes: int = Field(14, ge=1, description="Generated scenes when `images` is empty.")
     scene_size: int = Field(256, ge=16, description="Side in pixels of the generated scenes.")
-    retrain_steps: int = Field(
-        10,
+    retrain_steps: int | None = Field(
+        None,
         ge=0,
-        description="Optimiser steps per retrain; 0 turns retraining off (rounds keep the model).",
+        description="Optimiser steps per retrain. Empty: as many as the round's new masks call "
+        "for (about 2 draws of each, 10 to 200 steps); 0 turns retraining off (rounds keep the "
+        "model). A retrained model is used only when it is not worse on the validation images.",
     )
     include_auto: bool = Field(False, description="Retrain on the automatic masks too.")
     accept_iou: float = Field(
         0.9,
         gt=0.0,
         le=1.0,
-        description="IoU with the ground truth at which the simulated annotator accepts a mask.",
+        description="IoU with the ground truth at which the simulated annotator stops clicking "
+        "(brush and eraser strokes then finish the mask to IoU 0.95) and keeps a pre-filled mask "
+        "as is.",
     )
     max_clicks: int = Field(
-        20, ge=1, description="Clicks the simulated annotator spends on an object at most."
+        20,
+        ge=1,
+        description="Clicks the simulated annotator spends on an object at most (strokes "
+        "finish it).",
     )
     points_per_side: int = Field(
         16, ge=1, description="Side of the generators' point grid (side x side prompts)."
@@ -222,8 +229,9 @@ def annotate_round(settings: EngineSettings, round_: int) -> dict[str, Any]:
 
 
 def retrain_after(settings: EngineSettings, round_: int) -> dict[str, Any] | None:
-    """Retrain on the store's masks up to round ``round_`` (the newest model as the base) and
-    store the next version; None when retraining is off (``retrain_steps`` 0)."""
+    """Retrain on the store's masks up to round ``round_`` (the newest promoted model as the
+    base) and store the next version, promoted or not (``engine.training.retrain``); None when
+    retraining is off (``retrain_steps`` 0)."""
     if settings.retrain_steps == 0:
         return None
     init_ray(settings.ray_address)

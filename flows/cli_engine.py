@@ -71,7 +71,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--retrain-steps",
         type=int,
         metavar="N",
-        help="optimiser steps per retrain; 0 turns retraining off (default 10)",
+        help="optimiser steps per retrain; 0 turns retraining off (default: from the round's "
+        "new masks, 10 to 200)",
     )
     parser.add_argument(
         "--include-auto", action="store_true", default=None, help="retrain on automatic masks too"

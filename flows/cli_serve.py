@@ -13,9 +13,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="annotate a round in the browser (assisted-manual or semi-automatic stage)",
         description=(
             "Serve the annotation page for one round and stage of a store: it shows the next "
-            "image without masks of that round, the model draws the mask of each click, and "
-            "accepted masks are written to the store with their clicks and seconds. Holds the "
-            "round's writer lease while it runs (Ctrl-C to stop)."
+            "image without masks of that round, the model draws the mask of each click, a "
+            "brush and an eraser correct it, and accepted masks are written to the store with "
+            "their clicks, strokes, working seconds and category. Holds the round's writer "
+            "lease while it runs (Ctrl-C to stop)."
         ),
     )
     parser.add_argument("--store", required=True, help="store URL (folder or fsspec URL)")

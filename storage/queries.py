@@ -99,24 +99,37 @@ def training_set(
     before_round: int,
     exclude: Sequence[str] | None = None,
     min_mask_area: int = 64,
+    only: Sequence[str] | None = None,
 ) -> list[dict[str, Any]]:
-    """Images and masks to train on: ``[{"image_id", "uri", "masks": [RLE, ...]}]``, by id.
+    """Images and masks to train on: ``[{"image_id", "uri", "round", "masks": [RLE, ...]}]``,
+    by id; ``round`` is the newest round of the image's masks.
 
     Masks of ``stages`` from rounds before ``before_round`` (ground truth is round 0), at least
-    ``min_mask_area`` pixels, crowd regions left out; images in ``exclude`` (held out) too. An
-    image's masks are ordered by mask id.
+    ``min_mask_area`` pixels, crowd regions left out; images in ``exclude`` (held out) too, and
+    with ``only`` given, every image not in it. An image's masks are ordered by mask id.
     """
     with _opened(source) as catalog:
         rows = catalog.con.execute(
-            "SELECT m.image_id, i.uri, m.segmentation, m.height, m.width FROM masks m "
+            "SELECT m.image_id, i.uri, m.round, m.segmentation, m.height, m.width FROM masks m "
             "JOIN images i USING (image_id) WHERE m.stage IN (SELECT unnest(?)) "
             "AND m.round < ? AND m.area >= ? AND NOT m.iscrowd "
-            "AND m.image_id NOT IN (SELECT unnest(?)) ORDER BY m.image_id, m.mask_id",
-            [list(stages), int(before_round), int(min_mask_area), list(exclude or [])],
+            "AND m.image_id NOT IN (SELECT unnest(?)) "
+            "AND (? OR m.image_id IN (SELECT unnest(?))) ORDER BY m.image_id, m.mask_id",
+            [
+                list(stages),
+                int(before_round),
+                int(min_mask_area),
+                list(exclude or []),
+                only is None,
+                list(only or []),
+            ],
         ).fetchall()
     out: dict[str, dict[str, Any]] = {}
-    for image_id, uri, counts, height, width in rows:
-        entry = out.setdefault(image_id, {"image_id": image_id, "uri": uri, "masks": []})
+    for image_id, uri, round_, counts, height, width in rows:
+        entry = out.setdefault(
+            image_id, {"image_id": image_id, "uri": uri, "round": int(round_), "masks": []}
+        )
+        entry["round"] = max(entry["round"], int(round_))
         entry["masks"].append(_rle(counts, height, width))
     return list(out.values())
 

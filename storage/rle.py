@@ -54,6 +54,14 @@ def areas(rles: Sequence[dict[str, Any]]) -> np.ndarray:
     return np.concatenate(out).astype(np.int64) if out else np.zeros(0, np.int64)
 
 
+def ious(a: Sequence[dict[str, Any]], b: Sequence[dict[str, Any]]) -> np.ndarray:
+    """(len(a), len(b)) IoU of compressed RLEs, by pycocotools (no crowd semantics)."""
+    if not a or not b:
+        return np.zeros((len(a), len(b)), np.float64)
+    matrix = mask_utils.iou([_c(r) for r in a], [_c(r) for r in b], [0] * len(b))
+    return np.asarray(matrix, np.float64).reshape(len(a), len(b))
+
+
 def bboxes(rles: Sequence[dict[str, Any]]) -> np.ndarray:
     """XYWH box of each RLE (float32, N×4)."""
     if not rles:

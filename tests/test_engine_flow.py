@@ -1,9 +1,10 @@
 """The data engine end to end: real Prefect flow runs (a test-harness server) on a real local Ray
 cluster (2 CPUs), on generated scenes with ground truth and a fixed random-weight tiny model.
 
-The random model rarely reaches the real acceptance IoU, so these runs accept any overlap
-(``accept_iou`` 0.01) and keep every generated mask (thresholds 0): what is tested is the
-machinery — stages, versions, resume, failures — not the model's quality.
+The random model rarely reaches the real acceptance IoU; the simulated annotator finishes each
+object with strokes anyway, so these runs accept any overlap (``accept_iou`` 0.01: one click an
+object, fast) and keep every generated mask (thresholds 0): what is tested is the machinery —
+stages, versions, resume, failures, every object finished — not the model's quality.
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ from prefect.testing.utilities import prefect_test_harness
 from maskmill.engine.run import EngineSettings
 from maskmill.engine.training.synthetic import write_coco
 from maskmill.model import build_model, save_checkpoint
-from maskmill.storage import Catalog, Store
+from maskmill.storage import Catalog, Store, rle
+from maskmill.storage.queries import ground_truth, images_done
 from tests.test_storage_images import BAD, GOOD, make_image_files
 
 REPO = Path(__file__).resolve().parents[1]
@@ -112,6 +114,7 @@ def test_two_round_run(prefect_server, ray_cluster, checkpoint, scenes, tmp_path
     assert len({m[0] for m in masks}) == len(masks)
     assert {m[3] for m in masks} == {"manual", "semi", "auto"}
     assert all(m[6] for m in masks if m[3] == "manual")  # click logs kept
+    _check_objects_finished(store, by_stage)
     # the rounds table artifact of the stats flow
     artifact = Artifact.get("rounds")
     table = json.loads(artifact.data)
@@ -124,6 +127,49 @@ def test_two_round_run(prefect_server, ray_cluster, checkpoint, scenes, tmp_path
     assert _masks(store) == masks
     assert {p: os.path.getmtime(p) for p in Store(store).shards("masks")} == shards
     assert len(Store(store).model_metas()) == 3
+
+
+def _check_objects_finished(store: str, by_stage: dict[str, dict]) -> None:
+    """Every annotated mask matches a ground-truth object at IoU >= 0.95 (strokes finished what
+    the random model's click could not); every object of >= 64 px on an annotated image has a
+    mask (IoU >= 0.5), and the smaller ones the rounds skipped are counted; the semi round's
+    pre-fill verdicts add up."""
+    truth = ground_truth(store)
+    with Catalog(store) as catalog:
+        rows = catalog.con.execute(
+            "SELECT round, stage, image_id, segmentation, height, width, source, strokes "
+            "FROM masks WHERE stage IN ('manual', 'semi') ORDER BY mask_id"
+        ).fetchall()
+    for round_, stage in ((1, "manual"), (2, "semi")):
+        row = by_stage[stage]
+        small = 0
+        for image_id in images_done(store, round_, stage):
+            masks = [
+                {"size": [h, w], "counts": counts}
+                for r, _, i, counts, h, w, _, _ in rows
+                if r <= round_ and i == image_id
+            ]
+            annotated = [
+                {"size": [h, w], "counts": counts}
+                for r, _, i, counts, h, w, source, _ in rows
+                if r == round_ and i == image_id and source != "model"
+            ]
+            objects = truth[image_id]
+            if annotated:
+                assert (rle.ious(annotated, objects).max(axis=1) >= 0.95).all(), image_id
+            covered = rle.ious(masks, objects).max(axis=0) >= 0.5
+            big = rle.areas(objects) >= 64
+            assert covered[big].all(), (stage, image_id)
+            small += int((~big & ~covered).sum())
+        assert row["skipped_small"] == small, stage
+        assert row["skipped_budget"] == 0
+        assert row["annotated"] > 0 and row["strokes_per_mask"] > 0  # a random model
+        assert 0.0 <= row["model_iou_mean"] < 1.0
+    semi = by_stage["semi"]
+    kept = sum(1 for r in rows if r[1] == "semi" and r[6] == "model")
+    assert semi["prefill_kept"] == kept
+    assert semi["prefill"] == kept + semi["prefill_corrected"] + semi["prefill_deleted"]
+    assert semi["prefill_deleted"] > 0  # a random model pre-fills wrong masks
 
 
 def _shards(store: str) -> int:

@@ -1,12 +1,13 @@
-"""Data engine pieces without Prefect or Ray: the simulated annotator's clicks and decisions,
-the plan's split. (Image reading is storage's: tests/test_storage_images.py.)"""
+"""Data engine pieces without Prefect or Ray: the simulated annotator's clicks and decisions
+(its corrections, time model and pre-fill verdicts: tests/test_annotators.py). Image reading is
+storage's: tests/test_storage_images.py."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from maskmill.engine.annotators import SimulatedAnnotator, iou_matrix
+from maskmill.engine.annotators import SimulatedAnnotator
 from maskmill.storage import rle
 
 # ---------------------------------------------------------------------------------- annotator
@@ -70,19 +71,23 @@ def test_annotator_skips_covered_objects():
         "img", np.zeros((64, 80, 3), np.uint8), OraclePredictor(objects), [rle.encode(covering)]
     )
     assert len(result.masks) == 2
-    assert iou_matrix([m.segmentation for m in result.masks], [rle.encode(objects[1])]).max() < 0.5
+    assert rle.ious([m.segmentation for m in result.masks], [rle.encode(objects[1])]).max() < 0.5
 
 
-def test_annotator_gives_up_after_max_clicks():
+def test_annotator_never_gives_up_on_a_useless_model():
+    """Defaults: clicking stops after 1 + patience (3) clicks that gain nothing; one brush
+    stroke paints the object (see tests/test_annotators.py for the rules one by one)."""
     objects = _objects()[:1]
-    annotator = SimulatedAnnotator(lambda _: [rle.encode(o) for o in objects], max_clicks=20)
+    annotator = SimulatedAnnotator(lambda _: [rle.encode(o) for o in objects])
     predictor = OraclePredictor(objects, useless=True)
     result = annotator.annotate("img", np.zeros((64, 80, 3), np.uint8), predictor, [])
-    assert result.masks == [] and result.abandoned == 1
-    assert result.abandoned_clicks == 20 and len(predictor.calls) == 20
+    assert result.abandoned == 0 and len(predictor.calls) == 4
+    (mask,) = result.masks
+    np.testing.assert_array_equal(rle.decode(mask.segmentation), objects[0])
+    assert (len(mask.clicks), mask.strokes, mask.model_iou) == (4, 1, 0.0)
     # after the first call every call refines: all clicks so far and the previous logits
     coords, labels, mask_input = predictor.calls[-1]
-    assert coords.shape == (20, 2) and mask_input is not None
+    assert coords.shape == (4, 2) and mask_input is not None
     # the prediction is empty, so every corrective click is a positive one inside the object
     assert (labels == 1).all()
     assert all(objects[0][int(y), int(x)] for x, y in coords)
@@ -95,9 +100,9 @@ def test_annotator_checks_ground_truth_size():
         annotator.annotate("img", np.zeros((10, 10, 3), np.uint8), OraclePredictor(objects), [])
 
 
-def test_iou_matrix_by_pycocotools():
+def test_rle_ious_by_pycocotools():
     a, b = np.zeros((10, 10), bool), np.zeros((10, 10), bool)
     a[:5], b[:, :5] = True, True
-    assert iou_matrix([rle.encode(a)], [rle.encode(b), rle.encode(a)]).tolist() == [
+    assert rle.ious([rle.encode(a)], [rle.encode(b), rle.encode(a)]).tolist() == [
         [pytest.approx(25 / 75), 1.0]
     ]

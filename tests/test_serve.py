@@ -18,9 +18,11 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 import warnings
 from pathlib import Path
 
+import cv2
 import duckdb
 import numpy as np
 import pytest
@@ -35,6 +37,9 @@ from maskmill.engine.plan import model_bytes
 from maskmill.engine.training.synthetic import write_coco
 from maskmill.engine.web.app import create_app
 from maskmill.engine.web.session import (
+    IDLE_CAP_S,
+    MAX_RADIUS,
+    MAX_STROKE_POINTS,
     AnnotationSession,
     WebAnnotator,
     default_round,
@@ -43,7 +48,7 @@ from maskmill.engine.web.session import (
 from maskmill.flows.cli import build_parser, main
 from maskmill.model import build_model, has_default, save_checkpoint
 from maskmill.storage import Catalog, Store, WriterConflictError, import_coco, rle
-from maskmill.storage.queries import ground_truth
+from maskmill.storage.queries import categories, ground_truth
 
 REPO = Path(__file__).resolve().parents[1]
 SCREENSHOT = REPO / "docs" / "annotation_page.png"
@@ -111,7 +116,8 @@ def stored_masks(store: Store, round_: int = 1, stage: str = "manual") -> list[d
     with Catalog(store) as catalog:
         columns, rows = catalog.query(
             "SELECT image_id, source, area, clicks, seconds, predicted_iou, model_version, "
-            "segmentation, height, width FROM masks WHERE round = ? AND stage = ? "
+            "segmentation, height, width, strokes, stroke_seconds, model_iou, category, "
+            "category_id FROM masks WHERE round = ? AND stage = ? "
             "ORDER BY image_id, mask_id",
             [round_, stage],
         )
@@ -120,6 +126,48 @@ def stored_masks(store: Store, round_: int = 1, stage: str = "manual") -> list[d
 
 def post(client: TestClient, path: str, body: object = None):
     return client.post(path, content=json.dumps(body if body is not None else {}), headers=JSON)
+
+
+def stored_mask(row: dict) -> np.ndarray:
+    return rle.decode({"size": [row["height"], row["width"]], "counts": row["segmentation"]})
+
+
+def rasterised(shape: tuple[int, int], points: list[list[int]], radius: int) -> np.ndarray:
+    """(H, W) bool: the pixels of a stroke as the page's contract defines them, drawn here with
+    cv2 on the whole grid (the session draws in the stroke's bounding box)."""
+    canvas = np.zeros(shape, np.uint8)
+    polyline = np.asarray(points, np.int32).reshape(-1, 1, 2)
+    cv2.polylines(canvas, [polyline], isClosed=False, color=1, thickness=2 * radius)
+    return canvas.astype(bool)
+
+
+def iou(a: np.ndarray, b: np.ndarray) -> float:
+    return float((a & b).sum() / (a | b).sum())
+
+
+class FakeClock:
+    """A monotonic clock the test sets by hand (seconds): working time without sleeping."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture()
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture()
+def timed(store, model, clock):
+    """A manual session on ``clock``, and its client."""
+    with (
+        AnnotationSession(store, 1, "manual", model, 7, WebAnnotator("tester"), clock=clock) as s,
+        TestClient(create_app(s)) as client,
+    ):
+        yield s, client
 
 
 # ------------------------------------------------------------------------------ session + API
@@ -306,6 +354,295 @@ def test_other_refusals(client, session):
     assert other.status_code == 409 and ids[0] in other.json()["error"]
     big = post(client, f"{url}/predict", {"points": [[3, 3, 1]], "pad": "x" * 70_000})
     assert big.status_code == 413
+
+
+# -------------------------------------------------------------------- correction and time
+
+
+def test_brush_and_eraser_change_exactly_their_pixels(timed, store, clock):
+    session, client = timed
+    image_id = client.get("/api/next").json()["image"]["image_id"]  # opened at t = 0
+    url = f"/api/images/{image_id}"
+    shape = (120, 160)
+    x, y = object_point(store, image_id)
+    clock.now = 2.0
+    predicted = post(client, f"{url}/predict", {"points": [[x, y, 1]]}).json()
+    model_masks = [rle.decode(m) for m in predicted["masks"]]
+    brush = [[5, 5], [60, 30], [100, 30], [159, 119]]  # to the image's last pixel
+    clock.now = 5.0
+    painted = post(client, f"{url}/stroke", {"mode": "brush", "radius": 3, "points": brush})
+    assert painted.status_code == 200, painted.text
+    painted = painted.json()
+    brushed = rasterised(shape, brush, 3)
+    assert len(painted["masks"]) == 3  # the strokes apply to each ambiguous mask
+    for got, base in zip(painted["masks"], model_masks, strict=True):
+        assert np.array_equal(rle.decode(got), base | brushed)
+    assert painted["strokes"] == 1 and painted["clicks"] == [[x, y, 1]]
+    eraser = [[50, 15], [50, 45]]  # crosses the brush stroke
+    erased_pixels = rasterised(shape, eraser, 4)
+    assert (brushed & erased_pixels).any() and (brushed & ~erased_pixels).any()
+    clock.now = 9.0
+    erased = post(client, f"{url}/stroke", {"mode": "eraser", "radius": 4, "points": eraser})
+    erased = erased.json()
+    for got, base in zip(erased["masks"], model_masks, strict=True):
+        assert np.array_equal(rle.decode(got), (base | brushed) & ~erased_pixels)
+    assert (erased["strokes"], erased["stroke_seconds"], erased["seconds"]) == (2, 7.0, 9.0)
+
+    clock.now = 10.5
+    state = post(client, f"{url}/accept", {"mask": 1, "category": " apple "}).json()
+    assert state["object"] is None and state["masks"][0]["strokes"] == 2
+    (row,) = stored_masks(store)
+    expected = (model_masks[1] | brushed) & ~erased_pixels
+    assert np.array_equal(stored_mask(row), expected)
+    assert row["strokes"] == 2 and row["clicks"] == [{"x": x, "y": y, "label": 1}]
+    assert row["seconds"] == pytest.approx(2 + 3 + 4 + 1.5)
+    assert row["stroke_seconds"] == pytest.approx(3 + 4)
+    assert row["model_iou"] == pytest.approx(iou(model_masks[1], expected), abs=1e-6)
+    assert row["model_iou"] < 1
+    assert row["predicted_iou"] == pytest.approx(predicted["scores"][1], abs=1e-6)
+    # A category the store has not seen gets the next free id (ground truth's "object" is 1).
+    assert (row["category"], row["category_id"]) == ("apple", 2)
+    assert state["categories"] == ["apple", "object"]
+
+
+def test_a_click_after_strokes_paints_them_again_and_undo_goes_back_in_order(timed, store):
+    session, client = timed
+    image_id = client.get("/api/next").json()["image"]["image_id"]
+    url = f"/api/images/{image_id}"
+    x, y = object_point(store, image_id)
+    first = post(client, f"{url}/predict", {"points": [[x, y, 1]]}).json()
+    brush = [[10, 100], [40, 110]]
+    brushed = rasterised((120, 160), brush, 5)
+    stroked = post(client, f"{url}/stroke", {"mode": "brush", "radius": 5, "points": brush})
+    stroked = stroked.json()
+    body = {
+        "points": [[x, y, 1], [150, 5, 0]],
+        "mask_input_from_previous": True,
+        "previous_index": first["best"],
+    }
+    second = post(client, f"{url}/predict", body).json()
+    assert len(second["masks"]) == 1 and second["strokes"] == 1  # not silently dropped
+    assert (rle.decode(second["masks"][0]) >= brushed).all()
+
+    state = post(client, f"{url}/undo").json()  # the second click: the stroked masks are back
+    assert state["object"]["masks"] == stroked["masks"]
+    assert state["object"]["clicks"] == [[x, y, 1]] and state["object"]["refinable"] is True
+    state = post(client, f"{url}/undo").json()  # the stroke
+    assert state["object"]["masks"] == first["masks"] and state["object"]["strokes"] == 0
+    # The restored prediction's logits are fed back: the same click gives the same mask.
+    again = post(client, f"{url}/predict", body).json()
+    assert np.array_equal(rle.decode(again["masks"][0]) | brushed, rle.decode(second["masks"][0]))
+    post(client, f"{url}/undo")
+    state = post(client, f"{url}/undo").json()  # the first click: nothing drawn
+    assert state["object"] is None and state["can_undo"] is False
+    assert post(client, f"{url}/undo").status_code == 409
+    assert stored_masks(store) == []
+
+
+def test_seconds_are_working_time_with_idle_gaps_capped(timed, store, clock):
+    session, client = timed
+    assert IDLE_CAP_S == 10.0
+    image_id = client.get("/api/next").json()["image"]["image_id"]  # opened at t = 0
+    url = f"/api/images/{image_id}"
+    x, y = object_point(store, image_id)
+    clock.now = 4.0
+    post(client, f"{url}/predict", {"points": [[x, y, 1]]})
+    clock.now = 154.0  # one click, then away for 150 s: counts as the cap
+    post(client, f"{url}/accept")
+    (row,) = stored_masks(store)
+    assert row["seconds"] == pytest.approx(4 + IDLE_CAP_S)
+    assert (row["strokes"], row["stroke_seconds"], row["model_iou"]) == (0, 0.0, 1.0)
+    # An object dropped: its time is abandoned time.
+    clock.now = 1000.0
+    post(client, f"{url}/predict", {"points": [[x, y, 1]]})
+    clock.now = 1001.5
+    post(client, f"{url}/clear")
+    work = session.annotator.work(image_id)
+    assert (work.abandoned, work.abandoned_clicks) == (1, 1)
+    assert work.abandoned_seconds == pytest.approx(IDLE_CAP_S + 1.5)
+    # An object painted by hand: no clicks, no model mask (model_iou unknown).
+    clock.now = 1003.0
+    square = [[20, 20], [20, 40], [40, 40], [40, 20], [20, 20]]
+    post(client, f"{url}/stroke", {"mode": "brush", "radius": 2, "points": square})
+    clock.now = 1005.0
+    state = post(client, f"{url}/accept").json()
+    assert len(state["masks"]) == 2
+    (row,) = [r for r in stored_masks(store) if r["clicks"] == []]
+    assert np.array_equal(stored_mask(row), rasterised((120, 160), square, 2))
+    assert row["predicted_iou"] is None and row["model_iou"] is None
+    assert row["seconds"] == pytest.approx(3.5) and row["stroke_seconds"] == pytest.approx(1.5)
+    assert row["strokes"] == 1
+
+
+def test_categories_come_from_the_store_and_from_what_was_typed(store, model, timed):
+    session, client = timed
+    assert categories(store) == {"object": 1}  # ground truth's
+    state = client.get("/api/next").json()
+    assert state["categories"] == ["object"]
+    image_id = state["image"]["image_id"]
+    url = f"/api/images/{image_id}"
+    for category in ("object", "nut", None):
+        post(client, f"{url}/predict", {"points": [[30, 30, 1]]})
+        state = post(client, f"{url}/accept", {"category": category}).json()
+    assert [m["category"] for m in state["masks"]] == ["object", "nut", None]
+    stored = {(r["category"], r["category_id"]) for r in stored_masks(store)}
+    assert stored == {("object", 1), ("nut", 2), (None, None)}
+    assert categories(store) == {"nut": 2, "object": 1}
+    session.close()
+    with AnnotationSession(store, 1, "manual", model) as again:
+        assert again.state()["categories"] == ["nut", "object"]
+
+
+def test_editing_a_prefilled_mask_stores_a_corrected_mask(store, model, clock):
+    loose = {"points_per_side": 2, "pred_iou_thresh": 0.0, "stability_score_thresh": 0.0}
+    with AnnotationSession(
+        store, 2, "semi", model, 3, generator_options=loose, clock=clock
+    ) as session:
+        client = TestClient(create_app(session))
+        state = client.get("/api/next").json()
+        image_id, prefill = state["image"]["image_id"], state["masks"]
+        url = f"/api/images/{image_id}"
+        assert prefill and {m["source"] for m in prefill} == {"model"}
+        original = rle.decode(prefill[0]["mask"])
+        # Esc puts an edited mask back unchanged.
+        post(client, f"{url}/edit", {"index": 0})
+        post(client, f"{url}/stroke", {"mode": "brush", "radius": 9, "points": [[3, 3]]})
+        state = post(client, f"{url}/clear").json()
+        assert [m["mask"] for m in state["masks"]] == [m["mask"] for m in prefill]
+        assert session.annotator.work(image_id).abandoned == 0
+
+        clock.now = 1.0
+        state = post(client, f"{url}/edit", {"index": 0}).json()
+        assert len(state["masks"]) == len(prefill) - 1
+        assert state["object"]["editing"] == "model" and state["object"]["clicks"] == []
+        assert np.array_equal(rle.decode(state["object"]["masks"][0]), original)
+        assert post(client, f"{url}/edit", {"index": 0}).status_code == 409  # one at a time
+        assert post(client, f"{url}/delete", {"index": 0}).status_code == 409
+        ys, xs = np.nonzero(original)
+        eraser = [[int(xs[0]), int(ys[0])], [int(xs[-1]), int(ys[-1])]]
+        clock.now = 3.0
+        post(client, f"{url}/stroke", {"mode": "eraser", "radius": 2, "points": eraser})
+        clock.now = 4.0
+        state = post(client, f"{url}/accept", {"category": "nut"}).json()
+        corrected = original & ~rasterised(original.shape, eraser, 2)
+        assert corrected.sum() < original.sum()
+        assert [m["source"] for m in state["masks"]][-1] == "web:web"
+        assert session.annotator.work(image_id).prefill_corrected == 1
+        rows = stored_masks(store, 2, "semi")
+        (web,) = [r for r in rows if r["source"] == "web:web"]
+        assert np.array_equal(stored_mask(web), corrected)
+        assert web["clicks"] == [] and web["strokes"] == 1 and web["category"] == "nut"
+        assert web["model_iou"] == pytest.approx(iou(original, corrected), abs=1e-6)
+        assert web["seconds"] == pytest.approx(4.0) and web["stroke_seconds"] == pytest.approx(2)
+        assert len(rows) == len(prefill)
+
+        post(client, f"{url}/undo")  # the accept
+        state = post(client, f"{url}/undo").json()  # the edit: the pre-filled mask is back
+        assert [m["mask"] for m in state["masks"]] == [m["mask"] for m in prefill]
+        assert session.annotator.work(image_id).prefill_corrected == 0
+        post(client, f"{url}/delete", {"index": 0})
+        assert session.annotator.work(image_id).prefill_deleted == 1
+        post(client, f"{url}/undo")
+        assert session.annotator.work(image_id).prefill_deleted == 0
+        assert {r["source"] for r in stored_masks(store, 2, "semi")} == {"model"}
+
+
+def test_editing_a_persons_mask_keeps_its_place_clicks_and_time(timed, store, clock):
+    session, client = timed
+    ids = sorted(session.images)
+    client.get("/api/next")  # opened at t = 0
+    url = f"/api/images/{ids[0]}"
+    x, y = object_point(store, ids[0])
+    model_masks = []
+    for point in ([x, y, 1], [5, 5, 1]):
+        clock.now += 1.0
+        predicted = post(client, f"{url}/predict", {"points": [point]}).json()
+        model_masks.append(rle.decode(predicted["masks"][0]))
+        clock.now += 1.0
+        post(client, f"{url}/stroke", {"mode": "brush", "radius": 2, "points": [[80, 60]]})
+        clock.now += 1.0
+        state = post(client, f"{url}/accept", {"mask": 0, "category": "nut"}).json()
+    first = rle.decode(state["masks"][0]["mask"])
+    (row,) = [r for r in stored_masks(store) if r["clicks"][0]["x"] == x]
+    assert row["seconds"] == pytest.approx(3.0)
+    clock.now += 1.0
+    state = post(client, f"{url}/edit", {"index": 0}).json()
+    assert state["object"]["editing"] == "web" and state["object"]["clicks"] == [[x, y, 1]]
+    assert len(state["masks"]) == 1
+    clock.now += 2.0
+    erased = [[80, 60]]
+    post(client, f"{url}/stroke", {"mode": "eraser", "radius": 1, "points": erased})
+    clock.now += 1.0
+    state = post(client, f"{url}/accept").json()  # no category given: the mask keeps its own
+    edited = first & ~rasterised(first.shape, erased, 1)
+    assert np.array_equal(rle.decode(state["masks"][0]["mask"]), edited)  # in its place
+    (row,) = [r for r in stored_masks(store) if r["clicks"][0]["x"] == x]
+    assert row["strokes"] == 2 and row["seconds"] == pytest.approx(3.0 + 4.0)
+    assert row["stroke_seconds"] == pytest.approx(1.0 + 2.0) and row["category"] == "nut"
+    assert row["clicks"] == [{"x": x, "y": y, "label": 1}]
+    # model_iou still compares with the model's mask, before both edits' strokes.
+    assert row["model_iou"] == pytest.approx(iou(model_masks[0], edited), abs=1e-6)
+    # "Next image" while a mask is edited puts it back unchanged before the shard is final.
+    post(client, f"{url}/edit", {"index": 1})
+    post(client, f"{url}/stroke", {"mode": "eraser", "radius": 50, "points": [[80, 60]]})
+    second = state["masks"][1]["mask"]
+    post(client, f"{url}/next")
+    rows = stored_masks(store)
+    assert len(rows) == 2 and second["counts"] in {r["segmentation"] for r in rows}
+    assert session.annotator.work(ids[0]).abandoned == 0
+
+
+@pytest.mark.parametrize(
+    ("body", "words"),
+    [
+        ({"mode": "pen", "radius": 3, "points": [[1, 1]]}, "mode"),
+        ({"mode": "brush", "radius": 0, "points": [[1, 1]]}, "radius"),
+        ({"mode": "brush", "radius": MAX_RADIUS + 1, "points": [[1, 1]]}, "radius"),
+        ({"mode": "brush", "radius": 2.5, "points": [[1, 1]]}, "radius"),
+        ({"mode": "brush", "radius": True, "points": [[1, 1]]}, "radius"),
+        ({"mode": "brush", "radius": 3, "points": []}, "non-empty"),
+        ({"mode": "brush", "radius": 3, "points": "1,1"}, "non-empty"),
+        ({"mode": "brush", "radius": 3, "points": [[160, 5]]}, "outside the image"),
+        ({"mode": "brush", "radius": 3, "points": [[5, 120]]}, "outside the image"),
+        ({"mode": "brush", "radius": 3, "points": [[1, 1], [-1, 5]]}, "points[1]"),
+        ({"mode": "brush", "radius": 3, "points": [[1.5, 5]]}, "integer"),
+        ({"mode": "brush", "radius": 3, "points": [[1, 2, 3]]}, "points[0]"),
+        ({"mode": "brush", "radius": 3, "points": [[1, 1]] * (MAX_STROKE_POINTS + 1)}, "at most"),
+        ('{"mode": "brush", "radius": 3, "points": [[NaN, 1]]}', "NaN"),
+        ({"mode": "brush", "radius": 3}, "required"),
+        ({"mode": "brush", "radius": 3, "points": [[1, 1]], "colour": 1}, "unknown field"),
+    ],
+)
+def test_malformed_strokes_are_422_and_paint_nothing(client, session, body, words):
+    image_id = client.get("/api/next").json()["image"]["image_id"]
+    url = f"/api/images/{image_id}"
+    content = body if isinstance(body, str) else json.dumps(body)
+    response = client.post(f"{url}/stroke", content=content, headers=JSON)
+    assert response.status_code == 422, response.text
+    assert words in response.json()["error"]
+    assert client.get("/api/next").json()["object"] is None
+    ok = post(client, f"{url}/stroke", {"mode": "eraser", "radius": 1, "points": [[0, 0]]})
+    assert ok.status_code == 200 and ok.json()["strokes"] == 1
+
+
+def test_stroke_and_category_refusals(client, session):
+    ids = sorted(session.images)
+    url = f"/api/images/{ids[0]}"
+    other = post(
+        client, f"/api/images/{ids[1]}/stroke", {"mode": "brush", "radius": 2, "points": [[1, 1]]}
+    )
+    assert other.status_code == 409 and ids[0] in other.json()["error"]
+    # An eraser stroke on nothing leaves an empty mask: nothing to accept.
+    post(client, f"{url}/stroke", {"mode": "eraser", "radius": 2, "points": [[1, 1]]})
+    assert post(client, f"{url}/accept").status_code == 422
+    assert post(client, f"{url}/edit", {"index": 0}).status_code == 409  # drawing already
+    post(client, f"{url}/clear")
+    assert post(client, f"{url}/edit", {"index": 0}).status_code == 422  # no masks yet
+    post(client, f"{url}/predict", {"points": [[3, 3, 1]]})
+    for category in ["", "   ", 5, "x" * 65, "a\nb", ["nut"]]:
+        response = post(client, f"{url}/accept", {"category": category})
+        assert response.status_code == 422 and "category" in response.json()["error"]
+    assert post(client, f"{url}/accept", {"category": "nut"}).status_code == 200
 
 
 def test_semi_stage_prefills_model_masks(store, model):
@@ -504,6 +841,29 @@ def chromium() -> str:
     return CHROMIUM
 
 
+def client_point(page, x: int, y: int) -> tuple[float, float]:
+    """Client (CSS) coordinates of the centre of image pixel (x, y), through the page's view."""
+    return tuple(page.evaluate("([x, y]) => window.maskmill.toClient(x, y)", [x, y]))
+
+
+def open_page(playwright, chromium: str, profile: Path, base: str):
+    """(Chromium context, its page on the annotation page, ready, the page's errors so far)."""
+    context = playwright.chromium.launch_persistent_context(
+        str(profile),
+        executable_path=chromium,
+        headless=True,
+        args=CHROMIUM_ARGS,
+        viewport={"width": 860, "height": 420},
+        device_scale_factor=1,
+    )
+    page = context.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    page.goto(f"{base}/")
+    page.wait_for_selector('body[data-state="ready"]', timeout=60_000)
+    return context, page, errors
+
+
 @pytest.fixture()
 def page_store(tmp_path_factory) -> Store:
     """A store of larger scenes, so the screenshot shows something."""
@@ -534,26 +894,13 @@ def test_page_in_chromium(chromium, page_store, model, tmp_path):
         objects = sorted(ground_truth(store)[image_id], key=lambda o: -int(rle.areas([o])[0]))
         first = [int(v) for v in interior_point(rle.decode(objects[0]))]
         second = [int(v) for v in interior_point(rle.decode(objects[1]))]
-        context = playwright.chromium.launch_persistent_context(
-            str(tmp_path / "profile"),
-            executable_path=chromium,
-            headless=True,
-            args=CHROMIUM_ARGS,
-            viewport={"width": 860, "height": 420},
-            device_scale_factor=1,
-        )
+        context, page, errors = open_page(playwright, chromium, tmp_path / "profile", base)
         try:
-            page = context.new_page()
-            errors: list[str] = []
-            page.on("pageerror", lambda error: errors.append(str(error)))
-            page.goto(f"{base}/")
-            page.wait_for_selector('body[data-state="ready"]', timeout=60_000)
-            box = page.locator("#canvas").bounding_box()
-            assert box is not None and (box["width"], box["height"]) == (480, 360)
+            # Fitted: the 480 x 360 image fits the window, so it is shown at 1:1.
+            assert page.evaluate("window.maskmill.view()")["scale"] == 1
 
             def click(x: int, y: int, button: str = "left") -> None:
-                # The canvas shows the image at 1:1: CSS pixel (x, y) is image pixel (x, y).
-                page.mouse.click(box["x"] + x + 0.5, box["y"] + y + 0.5, button=button)
+                page.mouse.click(*client_point(page, x, y), button=button)
 
             click(*first)
             page.wait_for_selector('body[data-predictions="1"]', timeout=30_000)
@@ -603,3 +950,76 @@ def test_page_in_chromium(chromium, page_store, model, tmp_path):
     assert (stored_id, source) == (image_id, "web:e2e")
     assert area > 0 and seconds > 0
     assert clicks == [{"x": first[0], "y": first[1], "label": 1}]
+
+
+def test_brush_and_eraser_by_mouse_in_chromium(chromium, page_store, model, tmp_path):
+    """A brush stroke and an eraser stroke made with the mouse (the eraser after zooming in)
+    change the stored mask at exactly the pixels cv2 rasterises for the same polylines."""
+    from playwright.sync_api import sync_playwright
+
+    store = page_store
+    with (
+        AnnotationSession(store, 1, "manual", model, None, WebAnnotator("e2e")) as session,
+        live_server(session) as base,
+        sync_playwright() as playwright,
+    ):
+        image_id = session.state()["image"]["image_id"]
+        height, width = session.images[image_id].height, session.images[image_id].width
+        context, page, errors = open_page(playwright, chromium, tmp_path / "profile", base)
+        try:
+
+            def drag(points: list[list[int]], button: str = "left") -> None:
+                # One mouse event per vertex: the page's polyline is exactly these pixels.
+                page.mouse.move(*client_point(page, *points[0]))
+                page.mouse.down(button=button)
+                for point in points[1:]:
+                    page.mouse.move(*client_point(page, *point))
+                page.mouse.up(button=button)
+
+            def settled() -> None:
+                page.wait_for_selector('body[data-busy="0"]', timeout=30_000)
+
+            page.mouse.click(*client_point(page, 240, 180))
+            page.wait_for_selector('body[data-predictions="1"]', timeout=30_000)
+            settled()
+            with urllib.request.urlopen(f"{base}/api/next", timeout=30) as response:
+                drawn = json.load(response)["object"]
+            model_mask = rle.decode(drawn["masks"][drawn["best"]])
+
+            page.keyboard.press("b")
+            page.keyboard.press("[")  # 8 px -> 6 px
+            assert page.locator("#radius-value").inner_text() == "6"
+            brush = [[40, 40], [120, 60], [200, 50], [260, 120]]
+            drag(brush)
+            page.wait_for_selector('body[data-strokes="1"]', timeout=30_000)
+
+            # Zoom in about a pixel near the eraser's path; the pen works in image pixels.
+            page.mouse.move(*client_point(page, 110, 55))
+            page.mouse.wheel(0, -300)
+            page.wait_for_function("window.maskmill.view().scale > 1.5")
+            page.keyboard.press("e")
+            page.keyboard.press("]")  # 6 px -> 8 px (x 1.25, rounded)
+            assert page.locator("#radius-value").inner_text() == "8"
+            eraser = [[70, 30], [100, 70], [150, 45]]
+            drag(eraser)
+            page.wait_for_selector('body[data-strokes="2"]', timeout=30_000)
+            page.keyboard.press("f")
+            assert page.evaluate("window.maskmill.view()")["scale"] == 1
+            page.keyboard.press("c")  # type a category; Enter accepts
+            page.keyboard.type("walnut")
+            page.keyboard.press("Enter")
+            page.wait_for_selector('body[data-masks="1"]', timeout=30_000)
+            settled()
+            assert not errors, errors
+        finally:
+            context.close()
+
+    brushed = rasterised((height, width), brush, 6)
+    erased = rasterised((height, width), eraser, 8)
+    assert (brushed & ~model_mask).any() and (erased & (model_mask | brushed)).any()
+    expected = (model_mask | brushed) & ~erased
+    (row,) = stored_masks(store)
+    assert np.array_equal(stored_mask(row), expected)
+    assert row["strokes"] == 2 and row["category"] == "walnut"
+    assert row["model_iou"] == pytest.approx(iou(model_mask, expected), abs=1e-6)
+    assert 0 < row["stroke_seconds"] <= row["seconds"]

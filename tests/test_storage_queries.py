@@ -130,6 +130,10 @@ def test_image_infos_and_training_set(store):
     assert [(s["image_id"], s["uri"], len(s["masks"])) for s in samples] == [
         ("A", "file:///A.png", 2)
     ]
+    assert samples[0]["round"] == 1  # the newest round of its masks (ground truth is 0)
+    only = training_set(store, ("gt", "manual"), before_round=2, only=["B"], min_mask_area=30)
+    assert [s["image_id"] for s in only] == ["B"]
+    assert training_set(store, ("gt",), before_round=2, only=[], min_mask_area=1) == []
 
 
 def test_stage_progress(store):

@@ -73,7 +73,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from maskmill.engine.annotators import AnnotatedMask, Annotation, Annotator, Click, iou_matrix
+from maskmill.engine.annotators import AnnotatedMask, Annotation, Annotator, Click
 from maskmill.engine.stages import read_stored_image, stage_generator, stage_metrics
 from maskmill.model import Predictor, Sam, load_model
 from maskmill.storage import StageWriter, Store, rle
@@ -145,12 +145,18 @@ class Prediction:
         scores: (C,) predicted IoUs.
         low_res: (C, h, w) logits, fed back as the mask prompt of the next click.
         clicks: the prompt that made them: points, then box corners (see module doc).
+        rles: ``masks`` as COCO RLEs (encoded once: the page's answer and the undo stack).
     """
 
     masks: np.ndarray
     scores: np.ndarray
     low_res: np.ndarray
     clicks: list[Click]
+    rles: list[dict[str, Any]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.rles:
+            self.rles = [rle.encode(m) for m in self.masks]
 
 
 @dataclass(frozen=True)
@@ -536,7 +542,7 @@ class AnnotationSession:
                 model_mask, clicks, predicted_iou = None, [], None
             model_iou = None
             if model_mask is not None:
-                model_iou = float(iou_matrix([model_mask], [segmentation])[0, 0])
+                model_iou = float(rle.ious([model_mask], [segmentation])[0, 0])
             if name is None and prior is not None:
                 name = prior.category
             if name is not None and name not in self.categories:
@@ -792,8 +798,12 @@ class AnnotationSession:
             scores, clicks = [prior.predicted_iou], prior.clicks
         else:
             scores, clicks = [None], []
+        if obj.edited is None and obj.prediction is not None:
+            masks = obj.prediction.rles  # unedited: encoded once, when predicted
+        else:
+            masks = [rle.encode(m) for m in self._masks(work)]
         return {
-            "masks": [rle.encode(m) for m in self._masks(work)],
+            "masks": masks,
             "scores": scores,
             "best": self._best(obj),
             "clicks": [[float(x), float(y), int(label)] for x, y, label in clicks],
@@ -997,12 +1007,11 @@ def _packed(prediction: Prediction | None) -> tuple | None:
     """A prediction for the undo stack: its masks as RLEs (a few KB, not H x W bytes each)."""
     if prediction is None:
         return None
-    masks = [rle.encode(m) for m in prediction.masks]
-    return masks, prediction.scores, prediction.low_res, prediction.clicks
+    return prediction.rles, prediction.scores, prediction.low_res, prediction.clicks
 
 
 def _unpacked(packed: tuple | None) -> Prediction | None:
     if packed is None:
         return None
-    masks, scores, low_res, clicks = packed
-    return Prediction(np.stack([rle.decode(m) for m in masks]), scores, low_res, clicks)
+    rles, scores, low_res, clicks = packed
+    return Prediction(np.stack([rle.decode(m) for m in rles]), scores, low_res, clicks, rles)
