@@ -13,13 +13,20 @@ import sys
 
 
 def _stats(args: argparse.Namespace) -> int:
+    from maskmill.engine.report import format_rounds, rounds_table
     from maskmill.storage import Catalog, compute_stats, format_stats
     from maskmill.storage.plots import plot_stats
 
     with Catalog(args.store) as catalog:
         stats = compute_stats(catalog)
+        curves = rounds_table(catalog.store)
         paths = plot_stats(catalog, args.plot) if args.plot else []
-    print(json.dumps(stats, indent=2, default=str) if args.json else format_stats(stats))
+    if args.json:
+        print(json.dumps({**stats, "learning_curves": curves}, indent=2, default=str))
+    else:
+        print(format_stats(stats))
+        if curves:
+            print("\nlearning curves (per round):\n" + format_rounds(curves))
     for path in paths:
         print(f"wrote {path}", file=sys.stderr)
     return 0

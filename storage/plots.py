@@ -7,7 +7,6 @@ Each figure's numbers come from DuckDB SQL over the catalog; matplotlib only dra
 from __future__ import annotations
 
 import io
-import json
 import math
 
 import fsspec
@@ -196,67 +195,6 @@ def plot_scores(catalog: Catalog, out_dir: str) -> str:
     return _save(fig, out_dir, "scores.png")
 
 
-def plot_rounds(catalog: Catalog, out_dir: str) -> str:
-    """Per-round curves: masks, masks per image, and the model metrics of the rounds table.
-
-    One line runs through the rounds; its markers are coloured by the stage of each round.
-    """
-    per_round = catalog.con.execute(
-        """SELECT round, string_agg(DISTINCT stage, '+' ORDER BY stage) AS stages,
-                  count(*) AS masks, count(*) / count(DISTINCT image_id) AS mpi
-           FROM masks GROUP BY round ORDER BY round"""
-    ).fetchall()
-    metric_rows = catalog.con.execute(
-        "SELECT round, metrics FROM rounds WHERE metrics IS NOT NULL ORDER BY round, finished_at"
-    ).fetchall()
-    fig = Figure(figsize=(13, 3.8), layout="constrained")
-    axes = fig.subplots(1, 3)
-    rounds = [r for r, *_ in per_round]
-    stage_colours: dict[str, str] = {}
-    for k, column in enumerate((2, 3)):
-        ax = axes[k]
-        ax.plot(rounds, [row[column] for row in per_round], color="0.6", zorder=1)
-        for row in per_round:
-            first = row[1] not in stage_colours
-            colour = stage_colours.setdefault(row[1], f"C{len(stage_colours)}")
-            ax.scatter(
-                [row[0]],
-                [row[column]],
-                color=colour,
-                zorder=2,
-                label=row[1] if k == 0 and first else None,
-            )
-    metrics: dict[str, dict[int, float]] = {}
-    for round_, text in metric_rows:  # a round's last finished stage wins
-        for name, value in json.loads(text).items():
-            if isinstance(value, (int, float)):
-                metrics.setdefault(name, {})[round_] = value
-    for name, points in sorted(metrics.items()):
-        xs = sorted(points)
-        axes[2].plot(xs, [points[x] for x in xs], marker="o", label=name)
-    all_rounds = sorted(set(rounds) | {r for r, _ in metric_rows})
-    titles = ("Masks per round", "Masks per image", "Model metrics")
-    ylabels = ("masks", "mean masks per image", "value")
-    for ax, title, ylabel, has in zip(
-        axes, titles, ylabels, (per_round, per_round, metrics), strict=True
-    ):
-        ax.set_title(title)
-        if not has:
-            _empty(ax, "no model metrics yet" if title == "Model metrics" else "no masks")
-            continue
-        ax.set_xlabel("round")
-        ax.set_ylabel(ylabel)
-        ax.set_xticks(all_rounds)
-        ax.set_xlim(min(all_rounds) - 0.5, max(all_rounds) + 0.5)
-        ax.set_ylim(bottom=0)
-        ax.grid(alpha=0.3)
-    if per_round:
-        axes[0].legend(frameon=False, fontsize=8, title="stage", title_fontsize=8)
-    if metrics:
-        axes[2].legend(frameon=False, fontsize=8)
-    return _save(fig, out_dir, "rounds.png")
-
-
 # The learning-curve panels: (title, y label, [(row key, series label, line style)]).
 _CURVES = [
     ("Seconds per mask", "seconds", [("seconds_per_mask", "annotation time", "-")]),
@@ -360,7 +298,6 @@ def plot_stats(catalog: Catalog, out_dir: str) -> list[str]:
             plot_relative_size,
             plot_centres,
             plot_scores,
-            plot_rounds,
             plot_learning_curves,
         )
     ]

@@ -140,7 +140,7 @@ def test_empty_store_has_every_view(store, tmp_path):
     assert stats["masks"] == 0 and stats["groups"] == []
     assert "masks    0" in format_stats(stats)
     with Catalog(store) as catalog:
-        assert len(plot_stats(catalog, str(tmp_path / "plots"))) == 5
+        assert len(plot_stats(catalog, str(tmp_path / "plots"))) == 5  # learning curves: empty
 
 
 def test_models_view(store):
@@ -177,7 +177,7 @@ def test_plots_are_written(store, tmp_path):
         "relative_mask_size.png",
         "mask_centres.png",
         "scores.png",
-        "rounds.png",
+        "learning_curves.png",
     ]
     for path in paths:
         with Image.open(path) as image:
@@ -208,7 +208,7 @@ def test_cli_commands(tmp_path, store, capsys):
     stats = json.loads(out.out)
     assert (stats["images"], stats["masks"], stats["groups"][0]["stage"]) == (4, 6, "gt")
     assert "mask_centres.png" in out.err
-    assert (tmp_path / "plots" / "rounds.png").exists()
+    assert (tmp_path / "plots" / "learning_curves.png").exists()
 
     assert (
         main(
