@@ -84,7 +84,7 @@ def main() -> None:
             steps=args.steps,
             workers=args.workers,
             lr=args.lr,
-            freeze_image_encoder=not args.train_encoder,
+            encoder_blocks=None if args.train_encoder else 0,
             stages=("gt",),
             seed=args.seed,
         )

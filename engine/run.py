@@ -82,7 +82,7 @@ class EngineSettings(BaseModel):
         None,
         ge=0,
         description="Optimiser steps per retrain. Empty: as many as the round's new masks call "
-        "for (about 2 draws of each, 10 to 200 steps); 0 turns retraining off (rounds keep the "
+        "for (about 4 draws of each, 10 to 200 steps); 0 turns retraining off (rounds keep the "
         "model). A retrained model is used only when it is not worse on the validation images.",
     )
     include_auto: bool = Field(False, description="Retrain on the automatic masks too.")

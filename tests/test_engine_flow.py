@@ -92,11 +92,24 @@ def test_two_round_run(prefect_server, ray_cluster, checkpoint, scenes, tmp_path
     )
     rows = data_engine(settings)
 
+    # three model versions: the start and one retrain after each annotated round, each
+    # promoted or not on the round's validation image; a round uses the newest promoted one
+    metas = Store(store).model_metas()
+    assert [(m["version"], m["round"]) for m in metas] == [(1, 0), (2, 1), (3, 2)]
+    promoted = [m["version"] for m in metas if m.get("promoted", True)]
+
+    def used(round_: int) -> int:
+        return max(v for v in promoted if metas[v - 1]["round"] < round_)
+
     assert [(r["round"], r["stage"], r["model_version"]) for r in rows] == [
         (1, "manual", 1),
-        (2, "semi", 2),
-        (3, "auto", 3),
+        (2, "semi", used(2)),
+        (3, "auto", used(3)),
     ]
+    for meta in metas[1:]:
+        assert meta["validation"]["images"] == 1 and isinstance(meta["promoted"], bool)
+        # each round annotated 2 images and kept 1 for validation; earlier rounds' replayed
+        assert meta["metrics"]["train_images"] == meta["round"]
     by_stage = {r["stage"]: r for r in rows}
     # 5 scenes: 1 held out, 2 + 2 annotated, all 5 in the automatic pass
     assert [by_stage[s]["images"] for s in ("manual", "semi", "auto")] == [2, 2, 5]
@@ -105,11 +118,8 @@ def test_two_round_run(prefect_server, ray_cluster, checkpoint, scenes, tmp_path
     for row in rows:
         assert row["masks_per_image"] == pytest.approx(row["masks"] / row["images"])
         assert 0.0 <= row["heldout_miou"] <= 1.0
-    # three model versions: the start and one retrain after each annotated round
-    metas = Store(store).model_metas()
-    assert [(m["version"], m["round"]) for m in metas] == [(1, 0), (2, 1), (3, 2)]
     assert metas[1]["metrics"]["steps"] == 2 and metas[1]["metrics"]["workers"] == 2
-    assert metas[1]["base_version"] == 1 and metas[2]["base_version"] == 2
+    assert metas[1]["base_version"] == 1 and metas[2]["base_version"] == used(2)
     masks = _masks(store)
     assert len({m[0] for m in masks}) == len(masks)
     assert {m[3] for m in masks} == {"manual", "semi", "auto"}

@@ -373,10 +373,151 @@ def test_pretrain_cli_writes_a_loadable_checkpoint_and_resumes(tmp_path, capsys)
 # ------------------------------------------------------------------------------ retraining
 
 
+def test_encoder_blocks_choose_what_of_the_encoder_trains():
+    from maskmill.engine.training.pretrain import PromptSimulationStep
+
+    def trained(blocks):
+        model = build_model(MICRO, seed=1)
+        PromptSimulationStep(model, SimulationConfig(), blocks)
+        encoder = model.image_encoder
+        parts = {"patch_embed": encoder.patch_embed, "neck": encoder.neck}
+        parts |= {f"block{i}": block for i, block in enumerate(encoder.blocks)}
+        flags = {n: {p.requires_grad for p in m.parameters()} for n, m in parts.items()}
+        assert all(len(f) == 1 for f in flags.values())  # a part trains whole or not at all
+        assert all(p.requires_grad for p in model.mask_decoder.parameters())
+        return sorted(n for n, f in flags.items() if f == {True})
+
+    assert trained(None) == ["block0", "block1", "neck", "patch_embed"]
+    assert trained(0) == []
+    assert trained(1) == ["block1", "neck"]  # the last of MICRO's two blocks
+    with pytest.raises(ValueError, match="encoder_blocks must be None or 0..2"):
+        trained(3)
+
+
+def test_schedule_steps_follow_the_documented_formula():
+    from maskmill.engine.training.retrain import RetrainConfig, schedule_steps
+
+    config = RetrainConfig(workers=2, masks_per_image=4, epochs=4, new_share=0.5)
+    per_step = 2 * 4
+    # No history: every draw is new, ceil(4 x 30 / 8) = 15.
+    assert schedule_steps(30, 0, config) == 15 == math.ceil(4 * 30 / per_step)
+    # With history to replay, half the draws are new: twice the steps for the same new masks.
+    assert schedule_steps(30, 500, config) == 30 == math.ceil(4 * 30 / (0.5 * per_step))
+    assert schedule_steps(3, 0, config) == config.min_steps  # a round of a few masks
+    assert schedule_steps(10_000, 0, config) == config.max_steps  # bounded cost
+    assert schedule_steps(0, 500, config) == 0  # nothing new: no retrain
+    # More workers draw more masks per step: fewer steps for the same data.
+    assert schedule_steps(60, 0, RetrainConfig(workers=4, epochs=4)) == 15
+    with pytest.raises(ValueError, match="new_share=0.0"):
+        RetrainConfig(new_share=0.0)
+
+
+def _painted(height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """An image whose red channel is 255 exactly on the (2, H, W) masks (an L and a square)."""
+    masks = np.zeros((2, height, width), bool)
+    masks[0, 10:30, 5:12] = True
+    masks[0, 24:30, 5:25] = True  # an L: a flip is visible
+    masks[1, 8:20, 40:55] = True
+    image = np.zeros((height, width, 3), np.uint8)
+    image[..., 1] = 90
+    image[masks.any(0), 0] = 255
+    return image, masks
+
+
+@pytest.mark.parametrize("scale", [1.0, 1.5, 0.7])
+def test_augment_keeps_masks_on_their_pixels(scale):
+    from maskmill.engine.training.retrain import PAD_COLOUR, augment
+
+    image, masks = _painted(40, 64)
+    feet = {}
+    for flip in (False, True):
+        out_image, out_masks = augment(image, masks, flip, scale, offset=(0.3, 0.0))
+        assert out_image.shape == image.shape and out_image.dtype == np.uint8
+        assert out_masks.shape == masks.shape and out_masks.dtype == bool
+        if scale == 1.0:
+            np.testing.assert_array_equal(out_masks, masks[:, :, ::-1] if flip else masks)
+            np.testing.assert_array_equal(out_image, image[:, ::-1] if flip else image)
+        # Wherever a mask is, the image is red, and the other way round (up to the one-pixel
+        # border that bilinear resampling blends).
+        red = out_image[..., 0] > 200
+        union = out_masks.any(0)
+        assert union.sum() > 0.3 * masks.any(0).sum() * min(1.0, scale) ** 2
+        assert (red & union).sum() >= 0.9 * union.sum()
+        assert (red & union).sum() >= 0.9 * red.sum()
+        if scale < 1:  # the canvas around the shrunk image is the mean colour
+            assert tuple(out_image[0, 0]) == PAD_COLOUR and not out_masks[:, 0, 0].any()
+        feet[flip] = np.nonzero(out_masks[0])[1].mean()
+    assert feet[True] > feet[False] + 10  # mirrored: the L moved right
+    with pytest.raises(ValueError, match="masks of its size"):
+        augment(image, masks[:, :, :10])
+
+
+def test_training_example_leaves_out_masks_the_crop_cut_away():
+    from maskmill.engine.training.retrain import Draw, training_example
+
+    image, masks = _painted(40, 64)
+    # Scale 2, window at the top right: the square (rows 16..40, cols 80..110) stays, most of
+    # the L (cols 10..50) is cut away.
+    draw = Draw(index=0, pick=(0, 1), seed=0, flip=False, scale=2.0, offset=(0.0, 0.999))
+    out_image, out_masks = training_example(image, list(masks), draw, long_side=128)
+    assert out_masks.shape == (1, 40, 64)
+    assert out_masks[0].sum() >= 0.5 * masks[1].sum() * 4
+    assert (out_image[out_masks[0], 0] > 120).all()  # red (its border blended by bilinear)
+
+
+def _samples(rounds: list[int], masks: list[int]) -> list[dict]:
+    return [
+        {"image_id": f"i{k}", "uri": "", "round": r, "masks": [{"counts": ""}] * n}
+        for k, (r, n) in enumerate(zip(rounds, masks, strict=True))
+    ]
+
+
+def test_draws_mix_new_and_replayed_masks_as_documented():
+    from maskmill.engine.training.retrain import RetrainConfig, _draw
+
+    # Images 0-1 are old (rounds 1, 2), 2-3 new (round 3) with 1 and 3 masks.
+    samples = _samples([1, 2, 3, 3], [5, 5, 1, 3])
+    config = RetrainConfig(masks_per_image=2, new_share=0.5, seed=4)
+    draws = [
+        _draw(samples, config, step, rank, 2, seen_round=2)
+        for step in range(1000)
+        for rank in (0, 1)
+    ]
+    counts = np.bincount([d.index for d in draws], minlength=4) / len(draws)
+    assert abs(counts[2:].sum() - 0.5) < 0.04  # new_share of the draws are new
+    assert abs(counts[3] / counts[2:].sum() - 0.75) < 0.05  # by masks: 3 : 1
+    assert abs(counts[0] - counts[1]) < 0.05  # replay spread over the old masks
+    assert all(len(d.pick) == min(2, len(samples[d.index]["masks"])) for d in draws)
+    assert all(list(d.pick) == sorted(set(d.pick)) for d in draws)  # distinct, in order
+    flips = np.mean([d.flip for d in draws])
+    scales = np.array([d.scale for d in draws])
+    assert abs(flips - 0.5) < 0.04
+    assert scales.min() >= 1 / 1.25 - 1e-9 and scales.max() <= 1.25 + 1e-9
+    assert abs(np.log(scales).mean()) < 0.02  # log-uniform around 1
+    assert len({d.seed for d in draws}) == len(draws)
+    # A function of the seed, the step and the rank.
+    assert _draw(samples, config, 7, 1, 2, seen_round=2) == draws[7 * 2 + 1]
+    # Nothing seen yet (a starting model): every image is new and drawn by its masks.
+    fresh = [_draw(samples, config, step, 0, 1).index for step in range(2000)]
+    np.testing.assert_allclose(np.bincount(fresh) / 2000, np.array([5, 5, 1, 3]) / 14, atol=0.03)
+
+
+def test_promotion_rule():
+    from maskmill.engine.training.retrain import promotion
+
+    base = {"miou": 0.70, "masks": 12, "images": 2}
+    assert promotion(base, {**base, "miou": 0.71}, 0.005)[0]
+    assert promotion(base, {**base, "miou": 0.696}, 0.005)[0]  # within the tolerance
+    worse, why = promotion(base, {**base, "miou": 0.69}, 0.005)
+    assert not worse and why.endswith("worse") and "0.7000 -> 0.6900" in why
+    assert promotion({}, {}, 0.005) == (False, "no validation masks to compare on")
+
+
 @pytest.fixture(scope="module")
 def retrain_job(tmp_path_factory):
     """A MICRO base checkpoint and three scenes as image files with their masks as RLE, in the
-    form of ``retrain.training_set``; also the scenes' pixels, by image id."""
+    form of ``storage.queries.training_set`` (one image of round 1, two of round 2); also the
+    scenes' pixels, by image id."""
     from PIL import Image
 
     from maskmill.model import save_checkpoint
@@ -386,45 +527,46 @@ def retrain_job(tmp_path_factory):
     base = str(folder / "base.pt")
     save_checkpoint(build_model(MICRO, seed=1), base)
     samples, pixels = [], {}
-    for seed in (11, 12, 13):
+    for seed, round_ in ((11, 1), (12, 2), (13, 2)):
         generated = scene(96, 96, seed=seed)
         uri = str(folder / f"scene-{seed}.png")
         Image.fromarray(generated.image).save(uri)  # lossless: workers read these pixels
         image_id = f"scene-{seed}"
         masks = [rle.encode(m) for m in generated.all_masks(64)]
-        samples.append({"image_id": image_id, "uri": uri, "masks": masks})
+        samples.append({"image_id": image_id, "uri": uri, "round": round_, "masks": masks})
         pixels[image_id] = generated.image
     return base, samples, pixels
 
 
-def _data_parallel_reference(base, samples, pixels, config, ranks):
+def _data_parallel_reference(base, samples, pixels, config, steps, seen_round, ranks):
     """What data-parallel workers ``ranks`` of ``config.workers`` train, computed in one process:
     per step, each rank's draw's gradient, their mean (a parameter no rank used keeps no
     gradient), the clip, one AdamW step."""
     from maskmill.engine.training.pretrain import PromptSimulationStep, build_optimizer
-    from maskmill.engine.training.retrain import _draw
+    from maskmill.engine.training.retrain import _draw, retrain_schedule, training_example
     from maskmill.model import load_checkpoint
     from maskmill.storage import rle
 
-    schedule = TrainConfig(
-        steps=config.steps, lr=config.lr, warmup=max(1, config.steps // 10), seed=config.seed
-    )
+    schedule = retrain_schedule(config, steps)
     model = load_checkpoint(base)
-    step_module = PromptSimulationStep(model, schedule.simulation, config.freeze_image_encoder)
+    step_module = PromptSimulationStep(model, schedule.simulation, config.encoder_blocks)
     step_module.train()
     optimizer = build_optimizer(model, schedule)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    for step in range(config.steps):
+    for step in range(steps):
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(schedule, step)
         per_rank = []
         for rank in ranks:
             optimizer.zero_grad(set_to_none=True)
-            index, pick, draw = _draw(samples, config, step, rank, config.workers)
-            sample = samples[index]
-            masks = np.stack([rle.decode(sample["masks"][i]) for i in pick])
-            generator = torch.Generator().manual_seed(config.seed * 1_000_003 + draw)
-            step_module(pixels[sample["image_id"]], masks, generator).loss.backward()
+            draw = _draw(samples, config, step, rank, config.workers, seen_round)
+            sample = samples[draw.index]
+            masks = [rle.decode(m) for m in sample["masks"]]
+            image, picked = training_example(
+                pixels[sample["image_id"]], masks, draw, model.image_size
+            )
+            generator = torch.Generator().manual_seed(draw.seed)
+            step_module(image, picked, generator).loss.backward()
             per_rank.append([p.grad for p in trainable])
         for parameter, grads in zip(trainable, zip(*per_rank, strict=True), strict=True):
             used = [g for g in grads if g is not None]
@@ -439,30 +581,129 @@ def test_two_worker_retrain_averages_gradients_and_repeats_exactly(ray_cluster, 
     from maskmill.model import load_checkpoint
 
     base, samples, pixels = retrain_job
-    config = RetrainConfig(
-        steps=3, workers=2, lr=1e-3, masks_per_image=2, freeze_image_encoder=True, seed=5
-    )
-    first, metrics = _fit(base, samples, config)
-    second, _ = _fit(base, samples, config)
+    config = RetrainConfig(workers=2, lr=1e-3, masks_per_image=2, encoder_blocks=1, seed=5)
+    first, metrics = _fit(base, samples, config, steps=3, seen_round=1)
+    second, _ = _fit(base, samples, config, steps=3, seen_round=1)
 
     assert metrics["steps"] == 3 and metrics["workers"] == 2
     assert metrics["train_loss_first"] > 0 and 0.0 <= metrics["train_iou_final_last"] <= 1.0
     # The same command trains the same model, bit for bit.
     for (name, a), b in zip(first.state_dict().items(), second.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
-    # The frozen encoder stayed; the decoder moved.
+    # The encoder's first block stayed; its last block and the decoder moved.
     start = load_checkpoint(base)
     torch.testing.assert_close(
-        first.image_encoder.state_dict(), start.image_encoder.state_dict(), rtol=0, atol=0
+        first.image_encoder.blocks[0].state_dict(),
+        start.image_encoder.blocks[0].state_dict(),
+        rtol=0,
+        atol=0,
     )
+    last_block = first.image_encoder.blocks[-1].mlp.lin2.weight
+    assert not torch.equal(last_block, start.image_encoder.blocks[-1].mlp.lin2.weight)
     moved = first.mask_decoder.iou_prediction_head.layers[-1].weight
     assert not torch.equal(moved, start.mask_decoder.iou_prediction_head.layers[-1].weight)
-    # It is the mean gradient of both workers' images that trained it: a worker training on its
+    # It is the mean gradient of both workers' draws that trained it: a worker training on its
     # own draws alone (no synchronisation) would land elsewhere.
-    reference = _data_parallel_reference(base, samples, pixels, config, ranks=[0, 1])
+    reference = _data_parallel_reference(base, samples, pixels, config, 3, 1, ranks=[0, 1])
     for (name, a), b in zip(
         first.state_dict().items(), reference.state_dict().values(), strict=True
     ):
         torch.testing.assert_close(a, b, msg=name)
-    alone = _data_parallel_reference(base, samples, pixels, config, ranks=[0])
+    alone = _data_parallel_reference(base, samples, pixels, config, 3, 1, ranks=[0])
     assert not torch.equal(moved, alone.mask_decoder.iou_prediction_head.layers[-1].weight)
+
+
+# ------------------------------------------------------------------ validation and promotion
+
+
+@pytest.fixture(scope="module")
+def annotated_store(tmp_path_factory):
+    """A store of 8 generated scenes (96 x 96) with ground truth, planned as 2 manual rounds
+    (seed 0, a quarter held out), whose round images have the ground truth as their manual
+    masks (an annotator that finishes every object); the shipped model as v1."""
+    from maskmill.engine.plan import ensure_initial_model, make_plan
+    from maskmill.engine.training.synthetic import write_coco
+    from maskmill.storage import StageWriter, Store, import_coco
+    from maskmill.storage.queries import ground_truth
+
+    folder = tmp_path_factory.mktemp("annotated")
+    annotations = write_coco(folder, 8, seed=21, height=96, width=96, parts=False)
+    store = Store(str(folder / "store"))
+    import_coco(str(annotations), str(folder / "images"), store)
+    plan = make_plan(store, manual_rounds=2, semi_rounds=0, auto=False, seed=0)
+    truth = ground_truth(store)
+    for round_, stage, ids in plan.rounds():
+        with StageWriter(store, round_, stage) as writer:
+            for image_id in ids:
+                records = [{"image_id": image_id, "segmentation": m} for m in truth[image_id]]
+                writer.write_masks(image_id, records, source="annotator")
+            writer.finish(model_version=1)
+    ensure_initial_model(store, plan)
+    return store, plan
+
+
+def test_the_validation_split_is_part_of_each_round_and_never_held_out(annotated_store):
+    from maskmill.engine.plan import make_plan
+
+    store, plan = annotated_store
+    assert len(plan.heldout) == 2 and [len(ids) for ids in plan.manual] == [3, 3]
+    assert not set(plan.validation) & set(plan.heldout)
+    for ids in plan.manual:  # one in five, at least one of a round of two or more
+        assert len(set(ids) & set(plan.validation)) == 1
+    assert plan.validation == sorted(plan.validation)
+    again = make_plan(store, manual_rounds=2, semi_rounds=0, auto=False, seed=0)
+    assert again.validation == plan.validation and again.heldout == plan.heldout
+    others = {tuple(make_plan(store, 2, 0, False, seed=s).validation) for s in range(1, 6)}
+    assert len(others) > 1  # drawn by the seed
+    bigger = make_plan(store, manual_rounds=1, semi_rounds=0, auto=False, validation=0.5)
+    assert len(bigger.validation) == 3 and set(bigger.validation) <= set(bigger.manual[0])
+    single = make_plan(store, manual_rounds=6, semi_rounds=0, auto=False)
+    assert single.validation == []  # rounds of one image keep it for training
+    with pytest.raises(ValueError, match="validation must be a share"):
+        make_plan(store, 2, 0, validation=1.0)
+
+
+def test_a_worse_retrain_is_not_promoted_and_the_next_round_keeps_the_model(
+    ray_cluster, annotated_store
+):
+    from maskmill.engine.plan import model_for_round
+    from maskmill.engine.training.retrain import RetrainConfig, data_digest, retrain
+    from maskmill.model import load_checkpoint
+    from maskmill.storage.queries import training_set
+
+    store, plan = annotated_store
+    fast = {"workers": 2, "masks_per_image": 1, "encoder_blocks": 0, "stages": ("manual",)}
+    v1 = model_for_round(store, 1)
+    # A learning rate of 1 wrecks the decoder in two steps: worse on validation, kept out.
+    wrecked = retrain(store, 1, plan, v1, RetrainConfig(steps=2, lr=1.0, **fast))
+    assert (wrecked["version"], wrecked["round"], wrecked["promoted"]) == (2, 1, False)
+    scores = wrecked["validation"]
+    assert scores["candidate"]["miou"] < scores["base"]["miou"] - 0.1
+    assert scores["base"]["images"] == 1 and scores["base"]["masks"] > 0
+    assert wrecked["rejected"] == wrecked["decision"] and wrecked["decision"].endswith("worse")
+    assert wrecked["preset_calibration"] == {"skipped": "not promoted"}
+    assert "heldout_miou" in wrecked["metrics"]  # the rounds table still shows what it made
+    # Trained on round 1's images but its validation image, never on held-out ones.
+    train_ids = sorted(set(plan.manual[0]) - set(plan.validation))
+    expected = training_set(store, ("manual",), 2, only=train_ids)
+    assert wrecked["data_digest"] == data_digest(expected)
+    assert wrecked["metrics"]["train_images"] == len(train_ids) == 2
+    assert wrecked["metrics"]["new_masks"] == sum(len(s["masks"]) for s in expected)
+    # The next round uses v1 again; the rejected version stays stored.
+    assert model_for_round(store, 2)["version"] == 1
+    assert load_checkpoint(wrecked["uri"]) is not None
+    # A rerun of the same retrain finds it done: no second training, no new version.
+    assert retrain(store, 1, plan, v1, RetrainConfig(steps=2, lr=1.0, **fast)) == wrecked
+    assert len(store.model_metas()) == 2
+
+    # A candidate that moves (almost) nothing is not worse (up to its float noise, within the
+    # tolerance given): promoted, and round 3 uses it.
+    gentle = RetrainConfig(steps=1, lr=1e-9, tolerance=0.005, **fast)
+    kept = retrain(store, 2, plan, model_for_round(store, 3), gentle)
+    assert (kept["version"], kept["base_version"], kept["promoted"]) == (3, 1, True)
+    assert "rejected" not in kept
+    assert abs(kept["validation"]["candidate"]["miou"] - kept["validation"]["base"]["miou"]) < 0.005
+    assert kept["validation"]["base"]["images"] == 2  # both rounds' validation images
+    # v1 had seen none of the store: both rounds' masks are new to it.
+    assert kept["metrics"]["replayed_masks"] == 0 and kept["metrics"]["train_images"] == 4
+    assert model_for_round(store, 3)["version"] == 3

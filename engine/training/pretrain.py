@@ -83,6 +83,11 @@ class TrainConfig:
         self.scene_size = tuple(self.scene_size)
 
     @property
+    def encoder_blocks(self) -> int | None:
+        """Image-encoder blocks trained (:class:`PromptSimulationStep`): none or all."""
+        return 0 if self.freeze_image_encoder else None
+
+    @property
     def simulation(self) -> SimulationConfig:
         return SimulationConfig(
             point_iterations=self.point_iterations, no_point_iterations=self.no_point_iterations
@@ -127,18 +132,20 @@ class PromptSimulationStep(nn.Module):
 
     One module, so that ``DistributedDataParallel`` (Ray Train's ``prepare_model``) sees the whole
     step in its forward and averages the workers' gradients during ``backward``; ``pretrain`` uses
-    it unwrapped. The wrapped ``Sam`` is ``self.model``; its image encoder is frozen here
-    (``requires_grad`` off, run under ``no_grad``) when ``freeze_image_encoder``.
+    it unwrapped. The wrapped ``Sam`` is ``self.model``. ``encoder_blocks`` says what of its image
+    encoder trains: all of it (None); nothing (0: ``requires_grad`` off, run under ``no_grad``);
+    or the last ``encoder_blocks`` ViT blocks and the neck (the rest frozen, so the backward
+    stops at the first trained block).
     """
 
     def __init__(
-        self, model: Sam, simulation: SimulationConfig, freeze_image_encoder: bool = False
+        self, model: Sam, simulation: SimulationConfig, encoder_blocks: int | None = None
     ) -> None:
         super().__init__()
         self.model = model
         self.simulation = simulation
-        self.freeze_image_encoder = freeze_image_encoder
-        _freeze(model, freeze_image_encoder)
+        self.encoder_blocks = encoder_blocks
+        _freeze(model, encoder_blocks)
 
     def forward(
         self, image: np.ndarray, masks: np.ndarray, generator: torch.Generator
@@ -147,7 +154,7 @@ class PromptSimulationStep(nn.Module):
         (M >= 1, each mask non-empty) with prompts drawn from ``generator``; the result's
         ``loss`` is the scalar to back-propagate."""
         pixels, input_size = prepare_image(self.model, image)
-        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.freeze_image_encoder):
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.encoder_blocks != 0):
             features = self.model.image_encoder(pixels)
         targets = prepare_masks(masks, self.model.image_size).to(self.model.device)
         return simulate(self.model, features, targets, input_size, self.simulation, generator)
@@ -235,16 +242,27 @@ def load_state(path: str | Path) -> tuple[Sam, torch.optim.AdamW, TrainState]:
     config = TrainConfig(**payload["train_config"])
     model = build_model(SamConfig.from_dict(payload["model_config"]))
     model.load_state_dict(payload["model"])
-    _freeze(model, config.freeze_image_encoder)
+    _freeze(model, config.encoder_blocks)
     optimizer = build_optimizer(model, config)
     optimizer.load_state_dict(payload["optimizer"])
     state = TrainState(config, payload["step"], payload["seconds"], payload["history"])
     return model, optimizer, state
 
 
-def _freeze(model: Sam, freeze_image_encoder: bool) -> None:
-    for parameter in model.image_encoder.parameters():
-        parameter.requires_grad_(not freeze_image_encoder)
+def _freeze(model: Sam, encoder_blocks: int | None) -> None:
+    """Image-encoder parameters trained: all (None), none (0), or the last ``encoder_blocks``
+    blocks and the neck."""
+    encoder = model.image_encoder
+    if encoder_blocks is not None and not 0 <= encoder_blocks <= len(encoder.blocks):
+        raise ValueError(
+            f"encoder_blocks must be None or 0..{len(encoder.blocks)} (the encoder's blocks), "
+            f"got {encoder_blocks}"
+        )
+    encoder.requires_grad_(encoder_blocks is None)
+    if encoder_blocks:
+        for block in list(encoder.blocks)[-encoder_blocks:]:
+            block.requires_grad_(True)
+        encoder.neck.requires_grad_(True)
 
 
 def pretrain(
@@ -286,13 +304,11 @@ def pretrain(
     else:
         config = config or TrainConfig()
         model = initial_model(config)
-        _freeze(model, config.freeze_image_encoder)
+        _freeze(model, config.encoder_blocks)
         optimizer = build_optimizer(model, config)
         state = TrainState(config)
     config = state.config
-    simulation_step = PromptSimulationStep(
-        model, config.simulation, config.freeze_image_encoder
-    ).train()
+    simulation_step = PromptSimulationStep(model, config.simulation, config.encoder_blocks).train()
     start = time.monotonic()
     deadline = start + minutes * 60 if minutes is not None else math.inf
     last_save = start
