@@ -288,6 +288,6 @@ def _progress(items: list, desc: str, enabled: bool):
 
 def plan_summary(plan: Plan) -> str:
     """One line per round: what it works on (for logs)."""
-    lines = [f"held-out: {len(plan.heldout)} images"]
+    lines = [f"held-out: {len(plan.heldout)} images, validation: {len(plan.validation)} images"]
     lines += [f"round {r} {stage}: {len(ids)} images" for r, stage, ids in plan.rounds()]
     return "\n".join(lines)

@@ -20,9 +20,10 @@ scale jitter of image and masks together (:func:`augment`). The prompt encoder, 
 and the image encoder's last ``RetrainConfig.encoder_blocks`` blocks train. Ray Train's
 ``prepare_model`` wraps the step in ``DistributedDataParallel`` (gloo on CPUs, NCCL with a GPU
 per worker), whose backward averages the gradients across workers; every worker takes the same
-AdamW step, so all replicas stay equal. Every draw is a function of the seed, the step and the worker's rank, so the same
-command trains the same model. Workers report their loss through ``ray.train.report`` about
-every tenth of the steps; rank 0 reports the trained weights as the run's checkpoint.
+AdamW step, so all replicas stay equal. Every draw is a function of the seed, the step and the
+worker's rank, so the same command trains the same model. Workers report their loss through
+``ray.train.report`` about every tenth of the steps; rank 0 reports the trained weights as the
+run's checkpoint.
 
 Promotion: the base and the candidate are scored by 1-click mIoU on the validation images'
 annotated masks (``engine.plan.evaluate_validation``); the candidate is promoted when its score
