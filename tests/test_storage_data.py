@@ -161,3 +161,31 @@ def test_uncompressed_helper_matches_pycocotools(tmp_path):
     mask[0, 0] = mask[3:6, 1:4] = 1
     compressed = mask_utils.frPyObjects(_uncompressed(mask), 7, 5)
     assert (rle.decode(compressed) == mask).all()
+
+
+def test_shards_written_before_a_column_existed_still_read(tmp_path):
+    """A store written by an earlier maskmill (masks without strokes, stroke_seconds and
+    model_iou) reads beside new shards: the missing columns are null, nothing is lost."""
+    import pyarrow.parquet as pq
+
+    from maskmill.storage import Catalog, StageWriter
+    from maskmill.storage.writer import masks_table
+
+    store = Store(str(tmp_path / "store"))
+    with StageWriter(store, 1, "manual") as writer:
+        new = records(2, image="new")
+        for r in new:
+            r.update(strokes=3, stroke_seconds=4.5, model_iou=0.8)
+        writer.write_masks("new", new)
+    old = masks_table(records(3, image="old"), 1, "manual")
+    old = old.drop_columns(["strokes", "stroke_seconds", "model_iou"])
+    path = store.shard_path("masks", "old", 1, "manual")
+    with store.fs.open(path, "wb") as handle:
+        pq.write_table(old, handle)
+    with Catalog(store) as catalog:
+        rows = catalog.con.execute(
+            "SELECT image_id, strokes, stroke_seconds, model_iou FROM masks ORDER BY image_id"
+        ).fetchall()
+    assert [r[0] for r in rows] == ["new", "new", "old", "old", "old"]
+    assert rows[0][1:3] == (3, 4.5) and abs(rows[0][3] - 0.8) < 1e-6
+    assert all(r[1:] == (None, None, None) for r in rows[2:])
