@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
+from maskmill.engine.plan import model_for_round
 from maskmill.engine.report import format_rounds, rounds_table
 from maskmill.storage import Catalog, Store, rle
 from maskmill.storage.plots import plot_learning_curves
@@ -76,8 +77,11 @@ def yardsticks(store: Store) -> dict[str, float | None]:
     semi = [r for r in rows if r["stage"] == "semi"]
     metas = store.model_metas()
     first = (metas[0].get("metrics") or {}).get("heldout_miou") if metas else None
-    promoted = [m for m in metas if m.get("promoted", True)]
-    last = (promoted[-1].get("metrics") or {}).get("heldout_miou") if promoted else None
+    # The model the engine would use next: the newest promoted version (the stages' choice).
+    last = None
+    if metas:
+        newest = model_for_round(store, max(int(m.get("round") or 0) for m in metas) + 1)
+        last = (newest.get("metrics") or {}).get("heldout_miou")
     out: dict[str, float | None] = dict(coverage(store, rows))
     if len(manual) >= 2 and manual[0]["seconds_per_mask"]:
         out["seconds_ratio"] = manual[-1]["seconds_per_mask"] / manual[0]["seconds_per_mask"]

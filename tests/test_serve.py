@@ -678,6 +678,18 @@ def test_semi_stage_prefills_with_the_shipped_models_own_presets(tmp_path, scene
         assert min(m["predicted_iou"] for m in state["masks"]) > semi["pred_iou_thresh"]
 
 
+def test_the_page_uses_the_newest_promoted_model_as_the_stages_do(tmp_path, scenes, model):
+    """A retrained version that was not promoted is stored but used by no round: the page
+    prompts the version the stages would use."""
+    store = make_store(tmp_path / "store", scenes)
+    store.write_model(1, model_bytes(model, {}), {"round": 0, "metrics": {}})
+    store.write_model(2, model_bytes(model, {}), {"round": 1, "promoted": False, "metrics": {}})
+    assert resolve_model(store, 2)[1] == 1
+    store.write_model(3, model_bytes(model, {}), {"round": 2, "promoted": True, "metrics": {}})
+    assert resolve_model(store, 3)[1] == 3
+    assert resolve_model(store, 1)[1] == 1
+
+
 def test_serve_does_not_import_ray(tmp_path):
     """The annotation page runs without Ray: importing the command and the page must not."""
     code = (

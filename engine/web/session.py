@@ -74,6 +74,7 @@ import torch
 from PIL import Image
 
 from maskmill.engine.annotators import AnnotatedMask, Annotation, Annotator, Click
+from maskmill.engine.plan import model_for_round
 from maskmill.engine.stages import read_stored_image, stage_generator, stage_metrics
 from maskmill.model import Predictor, Sam, load_model
 from maskmill.storage import StageWriter, Store, rle
@@ -922,7 +923,8 @@ def resolve_model(
     """The model a session prompts: (model, stored version or None, meta).
 
     ``checkpoint`` if given (version None unless it is a stored model's file); else the store's
-    model for round ``round_`` (the newest trained before it, else the newest); else the
+    model for round ``round_`` (``engine.plan.model_for_round``: the newest promoted version
+    trained before it, else the newest promoted one); else the
     shipped default model (``model.load_model``).
 
     Raises:
@@ -931,8 +933,10 @@ def resolve_model(
     metas = store.model_metas()
     stored = [m for m in metas if m["uri"] == checkpoint] if checkpoint else []
     if not checkpoint and metas:
-        before = [m for m in metas if int(m.get("round") or 0) < round_]
-        stored = [(before or metas)[-1]]
+        try:  # the same choice as the stages: the newest promoted version before the round
+            stored = [model_for_round(store, round_)]
+        except LookupError:  # every stored version is from this round or later: the newest
+            stored = [model_for_round(store, max(int(m.get("round") or 0) for m in metas) + 1)]
         checkpoint = stored[0]["uri"]
     model, source = load_model(checkpoint)
     if stored:
