@@ -44,6 +44,35 @@ def rounds_table(store: Store | str) -> list[dict[str, Any]]:
     return out
 
 
+def auto_stage_warning(rows: list[dict[str, Any]]) -> str | None:
+    """What to say when the newest automatic round of a rounds table (:func:`rounds_table`)
+    kept fewer masks than images (under one per image: the model, or its thresholds, do not
+    suit these images), with what to do about it; None when it kept enough or there is none."""
+    auto = [row for row in rows if row.get("stage") == "auto" and row.get("images")]
+    if not auto:
+        return None
+    row = auto[-1]
+    masks, images = int(row.get("masks") or 0), int(row["images"])
+    if masks >= images:
+        return None
+    version = row.get("model_version")
+    model = f"model v{version}" if version is not None else "the model"
+    at = ""
+    if row.get("pred_iou_thresh") is not None and row.get("stability_score_thresh") is not None:
+        at = (
+            f" at predicted IoU >= {row['pred_iou_thresh']:g} and stability >= "
+            f"{row['stability_score_thresh']:g}"
+        )
+    return (
+        f"the automatic stage (round {row['round']}) kept {masks} mask(s) on {images} images "
+        f"({masks / images:.2f} per image) with {model}{at}: it does not see these images' "
+        "objects well. To keep more: start from a stronger model (--checkpoint, e.g. an "
+        "official SAM file), lower --pred-iou-thresh / --stability-score-thresh, or annotate "
+        "some of the images first (--annotations with --manual-rounds, or maskmill serve) so "
+        "retraining adapts the model to them."
+    )
+
+
 def _cell(row: dict[str, Any], key: str, fmt: str) -> str:
     value = row.get(key)
     return "-" if value is None else fmt.format(value)

@@ -82,15 +82,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--scenes", type=int, help="generated scenes without --images (default 14)")
     parser.add_argument("--points-per-side", type=int, help="generator grid side (default 16)")
+    # The defaults named here are the shipped model's and SAM's presets
+    # (tests/test_cli_errors.py checks them against the model's metadata and SAM_PRESETS).
     parser.add_argument(
         "--pred-iou-thresh",
         type=float,
-        help="generators' predicted-IoU threshold (default: the model's presets)",
+        help="keep generated masks whose predicted IoU is at least this, in the semi-automatic "
+        "pre-fill and the automatic pass alike (default: the presets stored with each round's "
+        "model: the shipped model's 0.3 automatic / 0.4 pre-fill, an official SAM file's "
+        "0.88 / 0.92; re-calibrated at each retrain)",
     )
     parser.add_argument(
         "--stability-score-thresh",
         type=float,
-        help="generators' stability threshold (default: the model's presets)",
+        help="keep generated masks whose stability score is at least this, in the pre-fill and "
+        "the automatic pass alike (default: the presets stored with each round's model: the "
+        "shipped model's 0.6 automatic / 0.7 pre-fill, an official SAM file's 0.95 / 0.97)",
     )
     parser.add_argument(
         "--accept-iou", type=float, help="simulated annotator's acceptance IoU (default 0.9)"
@@ -103,32 +110,35 @@ def run_engine(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
     from maskmill.engine.run import EngineSettings
+    from maskmill.storage import Store
 
     if args.images and not args.store:
-        print("error: --images needs --store (where its masks go)", file=sys.stderr)
-        return 2
+        raise ValueError("--images needs --store (where its masks go)")
     try:
         settings = EngineSettings.model_validate(settings_values(args))
     except ValidationError as error:
         for line in validation_lines(error):
             print(line, file=sys.stderr)
         return 2
+    Store(settings.store).require(create=True)  # before Prefect and Ray start
     # Prefect's temporary server waits 20 s for itself by default; on a busy 2-core machine it
     # takes longer, so allow 2 minutes unless the user set it.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     # The temporary server's telemetry heartbeat races the flow's own writes on its SQLite file
     # ("database is locked" tracebacks); it reports nothing a local run needs.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    from maskmill.engine.report import format_rounds
+    from maskmill.engine.report import auto_stage_warning, format_rounds
     from maskmill.flows.data_engine import data_engine
+    from maskmill.flows.processes import start_prefect_server, stop_on_sigterm
 
     started = time.perf_counter()
-    try:
+    with stop_on_sigterm("run"):
+        start_prefect_server()  # unless PREFECT_API_URL is set: one that dies with this process
         rows = data_engine(settings)
-    except (ValueError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
     print(format_rounds(rows))
+    warning = auto_stage_warning(rows)
+    if warning:
+        print(f"warning: {warning}", file=sys.stderr)
     print(f"done in {time.perf_counter() - started:.0f} s")
     return 0
 
@@ -145,10 +155,10 @@ def settings_values(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def validation_lines(error: ValidationError) -> list[str]:
-    """One ``error: <field>: <message>`` line per problem of invalid settings (no field for a
-    rule between fields, whose message names them)."""
+    """One ``maskmill run: <field>: <message>`` line per problem of invalid settings (no field
+    for a rule between fields, whose message names them)."""
     lines = []
     for problem in error.errors():
         field = ".".join(str(part) for part in problem["loc"])
-        lines.append(f"error: {field}: {problem['msg']}" if field else f"error: {problem['msg']}")
+        lines.append(f"maskmill run: {field + ': ' if field else ''}{problem['msg']}")
     return lines

@@ -67,6 +67,8 @@ def run_segment(args: argparse.Namespace) -> int:
     from maskmill.model import Predictor, build_model, has_default, load_model
     from maskmill.storage.images import load_image
 
+    # The image first: a bad file is refused before the model is loaded.
+    image = load_image(args.image) if args.image else photo_like(480, 640, seed=args.seed)
     if args.checkpoint or has_default():
         model, model_name = load_model(args.checkpoint)
     else:
@@ -76,7 +78,6 @@ def run_segment(args: argparse.Namespace) -> int:
             "(masks are meaningless; pass --checkpoint)",
             file=sys.stderr,
         )
-    image = load_image(args.image) if args.image else photo_like(480, 640, seed=args.seed)
     height, width = image.shape[:2]
     points = [(x, y, 1) for x, y in args.point or []]
     points += [(x, y, 0) for x, y in args.background_point or []]
@@ -89,13 +90,9 @@ def run_segment(args: argparse.Namespace) -> int:
     predictor = Predictor(model)
     with torch.inference_mode():
         predictor.set_image(image)
-        try:
-            masks, scores, _ = predictor.predict(
-                coords, labels, box, multimask_output=not args.single_mask
-            )
-        except ValueError as error:
-            print(f"error: {error}", file=sys.stderr)
-            return 2
+        masks, scores, _ = predictor.predict(
+            coords, labels, box, multimask_output=not args.single_mask
+        )
     order = np.argsort(-scores)
     panels = [
         render_overlay(

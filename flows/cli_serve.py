@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import getpass
-import sys
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -16,7 +15,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "image without masks of that round, the model draws the mask of each click, a "
             "brush and an eraser correct it, and accepted masks are written to the store with "
             "their clicks, strokes, working seconds and category. Holds the round's writer "
-            "lease while it runs (Ctrl-C to stop)."
+            "lease while it runs (Ctrl-C or SIGTERM to stop; either gives it back)."
         ),
     )
     parser.add_argument("--store", required=True, help="store URL (folder or fsspec URL)")
@@ -57,36 +56,30 @@ def run_serve(args: argparse.Namespace) -> int:
         default_round,
         resolve_model,
     )
-    from maskmill.model.checkpoint import CheckpointError
-    from maskmill.storage import StorageError, Store, WriterConflictError
+    from maskmill.flows.processes import stop_on_sigterm
+    from maskmill.storage import Store
 
     if not 0 < args.port < 65536:
-        print(f"error: --port must be 1-65535, got {args.port}", file=sys.stderr)
-        return 2
-    try:
-        store = Store(args.store)
-        round_ = args.round if args.round is not None else default_round(store, args.stage)
-        model, version, meta = resolve_model(store, round_, args.checkpoint)
-        name = args.annotator or _login()
-        session = AnnotationSession(
-            store, round_, args.stage, model, version, WebAnnotator(name), model_meta=meta
+        raise ValueError(f"--port must be 1-65535, got {args.port}")
+    # Annotating needs images, so a store that is not there is a typo: refused, not created.
+    store = Store(args.store).require()
+    round_ = args.round if args.round is not None else default_round(store, args.stage)
+    model, version, meta = resolve_model(store, round_, args.checkpoint)
+    name = args.annotator or _login()
+    session = AnnotationSession(
+        store, round_, args.stage, model, version, WebAnnotator(name), model_meta=meta
+    )
+    with stop_on_sigterm("serve"), session:
+        if not session.images:
+            raise ValueError(f"{args.store} has no images; import some first")
+        print(
+            f"annotating round {round_} ({args.stage}) of {args.store}: "
+            f"{len(session.images)} images, model "
+            f"{'v' + str(version) if version is not None else meta.get('source')}; "
+            f"open http://{args.host}:{args.port}/",
+            flush=True,
         )
-        with session:
-            if not session.images:
-                print(f"error: {args.store} has no images; import some first", file=sys.stderr)
-                return 2
-            print(
-                f"annotating round {round_} ({args.stage}) of {args.store}: "
-                f"{len(session.images)} images, model "
-                f"{'v' + str(version) if version is not None else meta.get('source')}; "
-                f"open http://{args.host}:{args.port}/",
-                flush=True,
-            )
-            serve(session, args.host, args.port)
-    except (ValueError, FileNotFoundError, StorageError, WriterConflictError) as error:
-        kind = "checkpoint" if isinstance(error, CheckpointError) else "error"
-        print(f"{kind}: {error}", file=sys.stderr)
-        return 2
+        serve(session, args.host, args.port)
     return 0
 
 

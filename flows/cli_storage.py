@@ -8,16 +8,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 
 
 def _stats(args: argparse.Namespace) -> int:
     from maskmill.engine.report import format_rounds, rounds_table
-    from maskmill.storage import Catalog, compute_stats, format_stats
+    from maskmill.storage import Catalog, Store, compute_stats, format_stats
     from maskmill.storage.plots import plot_stats
 
-    with Catalog(args.store) as catalog:
+    with Catalog(Store(args.store).require()) as catalog:
         stats = compute_stats(catalog)
         curves = rounds_table(catalog.store)
         paths = plot_stats(catalog, args.plot) if args.plot else []
@@ -33,16 +32,10 @@ def _stats(args: argparse.Namespace) -> int:
 
 
 def _query(args: argparse.Namespace) -> int:
-    import duckdb
+    from maskmill.storage import Catalog, Store
 
-    from maskmill.storage import Catalog
-
-    with Catalog(args.store) as catalog:
-        try:
-            columns, rows = catalog.query(args.sql)
-        except duckdb.Error as error:
-            print(f"maskmill query: {error}", file=sys.stderr)
-            return 1
+    with Catalog(Store(args.store).require()) as catalog:
+        columns, rows = catalog.query(args.sql)
     if args.json:
         print(json.dumps([dict(zip(columns, row, strict=True)) for row in rows], default=str))
         return 0
@@ -54,44 +47,54 @@ def _query(args: argparse.Namespace) -> int:
 
 
 def _import_coco(args: argparse.Namespace) -> int:
-    from maskmill.storage import import_coco
+    from maskmill.storage import Store, import_coco
 
-    result = import_coco(args.annotations, args.images, args.store, progress=True)
+    store = Store(args.store).require(create=True)
+    result = import_coco(args.annotations, args.images, store, progress=True)
     print(
         f"imported {result.images} images and {result.masks} masks as ground truth "
         f"(round 0, stage gt) into {args.store}"
+        + (
+            f"; {result.clipped} polygon mask(s) reached past their image's edge and were "
+            "clipped to it"
+            if result.clipped
+            else ""
+        )
     )
     return 0
 
 
 def _export(args: argparse.Namespace) -> int:
-    from maskmill.storage import export_coco, export_sa1b
+    import duckdb
+
+    from maskmill.flows.cli import error_message
+    from maskmill.storage import Store, export_coco, export_sa1b
 
     export = export_coco if args.format == "coco" else export_sa1b
-    counts = export(args.store, args.out, where=args.where, progress=True)
+    store = Store(args.store).require()
+    keep = not args.only_images_with_masks
+    try:
+        counts = export(
+            store, args.out, where=args.where, progress=True, keep_images_without_masks=keep
+        )
+    except duckdb.Error as error:
+        if not args.where:
+            raise
+        # The filter is the SQL the user wrote: name it, not the query it was put into.
+        raise ValueError(f"--where {args.where!r}: {error_message(error)}") from error
+    without = counts["images_without_masks"]
+    mask = "a matching mask" if args.where else "a mask"
+    if not without:
+        note = ""
+    elif keep:
+        note = f" ({without} of them without {mask}; --only-images-with-masks drops them)"
+    else:
+        note = f" ({without} images without {mask} left out)"
     print(
         f"exported {counts['masks']} masks of {counts['images']} images as {args.format} "
-        f"to {args.out}"
+        f"to {args.out}{note}"
     )
     return 0
-
-
-def _storage_errors(handler):
-    """Run a handler; a StorageError is printed as one clear line and exit status 1."""
-
-    def run(args: argparse.Namespace) -> int:
-        from maskmill.storage import StorageError
-
-        try:
-            return handler(args)
-        except StorageError as error:
-            print(f"maskmill {args.command}: {error}", file=sys.stderr)
-            return 1
-        except BrokenPipeError:  # output piped into `head` and friends: not an error
-            sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (Python flushes it at exit)
-            return 0
-
-    return run
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -102,7 +105,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--store", required=True, help=store_help)
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
     p.add_argument("--plot", metavar="DIR", help="also write PNG figures into DIR")
-    p.set_defaults(handler=_storage_errors(_stats))
+    p.set_defaults(handler=_stats)
 
     p = subparsers.add_parser(
         "query",
@@ -112,13 +115,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--store", required=True, help=store_help)
     p.add_argument("--json", action="store_true", help="print rows as JSON objects")
     p.add_argument("sql", help='e.g. "SELECT stage, count(*) FROM masks GROUP BY stage"')
-    p.set_defaults(handler=_storage_errors(_query))
+    p.set_defaults(handler=_query)
 
     p = subparsers.add_parser("import-coco", help="import COCO instances as ground truth")
     p.add_argument("--annotations", required=True, help="COCO instances JSON file")
     p.add_argument("--images", required=True, help="folder the file_name values are relative to")
     p.add_argument("--store", required=True, help=store_help)
-    p.set_defaults(handler=_storage_errors(_import_coco))
+    p.set_defaults(handler=_import_coco)
 
     p = subparsers.add_parser("export", help="export masks as COCO JSON or SA-1B files")
     p.add_argument("--store", required=True, help=store_help)
@@ -129,4 +132,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="COCO: the JSON file to write; SA-1B: the folder for per-image files",
     )
     p.add_argument("--where", help="SQL filter over masks m, e.g. \"m.stage = 'auto'\"")
-    p.set_defaults(handler=_storage_errors(_export))
+    p.add_argument(
+        "--only-images-with-masks",
+        action="store_true",
+        help="list only images with an exported mask (default: every image of the store, as "
+        "COCO files do; image ids are the same either way)",
+    )
+    p.set_defaults(handler=_export)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
-import sys
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -44,8 +43,7 @@ def run_scenes(args: argparse.Namespace) -> int:
     from maskmill.engine.training.synthetic import write_coco
 
     if args.count < 1 or args.size < 32:
-        print("error: --count must be >= 1 and --size >= 32", file=sys.stderr)
-        return 2
+        raise ValueError("--count must be >= 1 and --size >= 32")
     seed = args.seed + (HELD_OUT_SEED if args.held_out else 0)
     path = write_coco(
         args.out, args.count, seed=seed, height=args.size, width=args.size, parts=not args.no_parts
@@ -103,34 +101,30 @@ def run_pretrain(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     command = _command_line(args)
-    try:
-        config = TrainConfig(
-            config=args.config,
-            init_checkpoint=args.checkpoint,
-            steps=args.steps or 2000,
-            lr=args.lr,
-            warmup=args.warmup,
-            masks_per_image=args.masks_per_image,
-            freeze_image_encoder=args.freeze_image_encoder,
-            seed=args.seed,
-            data_seed=args.data_seed,
-            point_iterations=args.point_iterations,
-            no_point_iterations=args.no_point_iterations,
-        )
-        model, state = pretrain(
-            config,
-            resume=args.resume,
-            steps=args.steps,
-            stop_at=args.stop_at,
-            state_path=args.state,
-            minutes=args.minutes,
-            save_every_minutes=args.save_every,
-            on_save=lambda m, s: save_pretrained(m, args.out, s, command),
-            progress=not args.no_progress,
-        )
-    except ValueError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    config = TrainConfig(
+        config=args.config,
+        init_checkpoint=args.checkpoint,
+        steps=args.steps or 2000,
+        lr=args.lr,
+        warmup=args.warmup,
+        masks_per_image=args.masks_per_image,
+        freeze_image_encoder=args.freeze_image_encoder,
+        seed=args.seed,
+        data_seed=args.data_seed,
+        point_iterations=args.point_iterations,
+        no_point_iterations=args.no_point_iterations,
+    )
+    model, state = pretrain(
+        config,
+        resume=args.resume,
+        steps=args.steps,
+        stop_at=args.stop_at,
+        state_path=args.state,
+        minutes=args.minutes,
+        save_every_minutes=args.save_every,
+        on_save=lambda m, s: save_pretrained(m, args.out, s, command),
+        progress=not args.no_progress,
+    )
     last = state.history[-1] if state.history else {}
     print(
         f"trained {state.step}/{state.config.steps} steps in {state.seconds / 60:.1f} min; "
@@ -181,19 +175,15 @@ def run_eval(args: argparse.Namespace) -> int:
     from maskmill.engine.evaluate import evaluate_coco, format_table
     from maskmill.model import load_model
 
-    try:
-        model, _ = load_model(args.checkpoint)
-        metrics = evaluate_coco(
-            model,
-            args.annotations,
-            args.images,
-            max_images=args.max_images,
-            points_per_side=args.points_per_side,
-            progress=not args.no_progress and not args.json,
-        )
-    except (ValueError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    model, _ = load_model(args.checkpoint)
+    metrics = evaluate_coco(
+        model,
+        args.annotations,
+        args.images,
+        max_images=args.max_images,
+        points_per_side=args.points_per_side,
+        progress=not args.no_progress and not args.json,
+    )
     if args.json:
         print(json.dumps(metrics))
     else:

@@ -17,7 +17,13 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
-from maskmill.engine.report import COLUMNS, format_rounds, markdown_rounds, rounds_table
+from maskmill.engine.report import (
+    COLUMNS,
+    auto_stage_warning,
+    format_rounds,
+    markdown_rounds,
+    rounds_table,
+)
 from maskmill.engine.run import EngineSettings, plan_of, prepare, retrain_after
 from maskmill.engine.run import annotate_round as annotate_step
 
@@ -94,7 +100,11 @@ def stats(store: str) -> list[dict[str, Any]]:
         key="rounds-markdown",
         description=f"Data-engine rounds of {store}",
     )
-    get_run_logger().info("rounds of %s:\n%s", store, format_rounds(rows))
+    logger = get_run_logger()
+    logger.info("rounds of %s:\n%s", store, format_rounds(rows))
+    warning = auto_stage_warning(rows)
+    if warning:
+        logger.warning(warning)
     return rows
 
 

@@ -48,6 +48,7 @@ class ImportResult:
     masks: int
     images_shard: str
     masks_shard: str
+    clipped: int  # polygon masks that reached past their image's edge, stored clipped to it
 
 
 def _entry(kind: str, index: int, item: Any, *names: str) -> str:
@@ -60,6 +61,16 @@ def _entry(kind: str, index: int, item: Any, *names: str) -> str:
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _polygon_reach(polygons: list[list[float]], height: int, width: int) -> str | None:
+    """Where a COCO polygon's points leave the ``width``x``height`` image (``x -10..20, y
+    2..25``), or None when they all lie on it (COCO's pixel edges: 0..width, 0..height)."""
+    xs = [v for poly in polygons for v in poly[0::2]]
+    ys = [v for poly in polygons for v in poly[1::2]]
+    if min(xs) >= 0 and min(ys) >= 0 and max(xs) <= width and max(ys) <= height:
+        return None
+    return f"x {min(xs):g}..{max(xs):g}, y {min(ys):g}..{max(ys):g}"
 
 
 def _local_or_url(path: str) -> str:
@@ -76,7 +87,9 @@ def load_coco_json(annotations: str) -> dict[str, Any]:
         raise CocoFormatError(f"{annotations}: annotation file not found") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         where = f" at line {error.lineno} column {error.colno}" if hasattr(error, "lineno") else ""
-        msg = getattr(error, "msg", str(error))
+        # Some of json's messages end in "at", waiting for the position: "Unterminated string
+        # starting at"; the position then reads "... starting at line 1 column 4995".
+        msg = getattr(error, "msg", str(error)).removesuffix(" at")
         raise CocoFormatError(f"{annotations}: not valid JSON: {msg}{where}") from None
     if not isinstance(data, dict):
         raise CocoFormatError(f"{annotations}: the top level is not a JSON object")
@@ -97,6 +110,10 @@ def import_coco(
     relative to (any fsspec URL). Polygons, uncompressed and compressed RLE and ``iscrowd`` are
     accepted; every mask is stored as pycocotools' compressed RLE. Importing the same file again
     replaces its shards (same images -> same shard key), so counts do not grow.
+
+    A polygon that covers no pixel of its image (wholly outside it, or degenerate) is an error
+    of its annotation; one reaching past the image's edge is clipped to it (pycocotools'
+    rasterisation) and counted in :attr:`ImportResult.clipped`.
     """
     store = store if isinstance(store, Store) else Store(store)
     data = load_coco_json(annotations)
@@ -173,6 +190,7 @@ def import_coco(
 
     # Annotations: structure, references, then the mask itself against its image's size.
     records: list[dict[str, Any]] = []
+    clipped = 0
     seen_ids: set[int] = set()
     per_image: dict[int, int] = {}
     for i, ann in enumerate(
@@ -216,6 +234,18 @@ def import_coco(
         except (ValueError, TypeError) as error:
             errors.append(CocoFormatError(f"{name}: bad segmentation: {error}"))
             continue
+        if isinstance(ann["segmentation"], list):  # polygons: points may lie off the image
+            reach = _polygon_reach(ann["segmentation"], info.height, info.width)
+            if not rle.areas([segmentation])[0]:  # stored, it would be an empty mask
+                where = (
+                    f"lies wholly outside the {info.width}x{info.height} (w x h) image ({reach})"
+                    if reach
+                    else "covers no pixel (degenerate)"
+                )
+                errors.append(CocoFormatError(f"{name}: the polygon {where}: its mask is empty"))
+                continue
+            if reach:
+                clipped += 1
         index = per_image.get(ann["image_id"], 0)
         per_image[ann["image_id"]] = index + 1
         records.append(
@@ -243,7 +273,7 @@ def import_coco(
         table = masks_table(records, GT_ROUND, STAGE_GT, source="gt", created_at=now)
         masks_shard = writer.write_masks(key, table)
         writer.finish()
-    return ImportResult(len(infos), len(records), images_shard, masks_shard)
+    return ImportResult(len(infos), len(records), images_shard, masks_shard, clipped)
 
 
 def _refuse_other_ground_truth(store: Store, key: str, names: dict[str, str]) -> None:
@@ -325,20 +355,37 @@ def _file_names(uris: list[str]) -> dict[str, str]:
 
 
 def export_coco(
-    store: Store | str, out: str, where: str | None = None, progress: bool = False
+    store: Store | str,
+    out: str,
+    where: str | None = None,
+    progress: bool = False,
+    keep_images_without_masks: bool = True,
 ) -> dict[str, int]:
     """Write the store's masks (optionally those matching SQL ``where`` over ``masks m``) as a
     COCO instances file that pycocotools loads, streaming annotations.
 
     Every annotation has ``score`` (the predicted IoU; 1.0 for masks without one, such as
     ground truth), so the file also serves as a detection result for ``COCO.loadRes``. Masks
-    without a category get the category ``object``.
+    without a category get the category ``object``. The images list holds every image of the
+    store, or with ``keep_images_without_masks`` false only those with an exported mask; an
+    image's ``id`` is the same either way (its place among all images), so two exports of a
+    store (ground truth, predictions) match.
+
+    Returns ``images`` (listed), ``masks`` and ``images_without_masks`` (images with no
+    exported mask, listed or not).
     """
     store = store if isinstance(store, Store) else Store(store)
     with Catalog(store) as catalog:
         image_rows = catalog.con.execute(
             "SELECT image_id, uri, width, height FROM images ORDER BY uri, image_id"
         ).fetchall()
+        with_masks = {
+            image_id
+            for (image_id,) in catalog.con.execute(
+                "SELECT DISTINCT m.image_id FROM masks m JOIN images i USING (image_id) "
+                + (f"WHERE {where}" if where else "")
+            ).fetchall()
+        }
         cats = catalog.con.execute(
             "SELECT DISTINCT category_id, category FROM masks WHERE category_id IS NOT NULL "
             + (f"AND image_id IN (SELECT image_id FROM masks m WHERE {where}) " if where else "")
@@ -356,6 +403,7 @@ def export_coco(
                 "maskmill_image_id": i,
             }
             for i, u, w, h in image_rows
+            if keep_images_without_masks or i in with_masks
         ]
         categories = [{"id": c, "name": n or str(c)} for c, n in cats]
         masks = 0
@@ -393,16 +441,27 @@ def export_coco(
             if used_object or not categories:
                 categories.append({"id": object_id, "name": "object"})
             handle.write(f'\n],\n"categories": {json.dumps(categories)}}}\n')
-    return {"images": len(images), "masks": masks}
+    return {
+        "images": len(images),
+        "masks": masks,
+        "images_without_masks": len(image_rows) - len(with_masks),
+    }
 
 
 def export_sa1b(
-    store: Store | str, out: str, where: str | None = None, progress: bool = False
+    store: Store | str,
+    out: str,
+    where: str | None = None,
+    progress: bool = False,
+    keep_images_without_masks: bool = True,
 ) -> dict[str, int]:
-    """Write one SA-1B JSON file per image with masks into folder ``out`` (any fsspec URL).
+    """Write one SA-1B JSON file per image into folder ``out`` (any fsspec URL): every image of
+    the store, or with ``keep_images_without_masks`` false only those with an exported mask.
 
     Each file is ``{"image": {...}, "annotations": [...]}`` and is named after the image file
     (``sa_1.jpg`` -> ``sa_1.json``; the image id is appended when two images share a name).
+    Returns ``images`` (files written), ``masks`` and ``images_without_masks`` (images with no
+    exported mask, written or not).
     """
     store = store if isinstance(store, Store) else Store(store)
     fs, root = fsspec.core.url_to_fs(out)
@@ -410,13 +469,14 @@ def export_sa1b(
     files = masks = 0
     with Catalog(store) as catalog:
         stems = catalog.con.execute(
-            "SELECT image_id, regexp_replace(regexp_extract(uri, '[^/]*$'), '\\.[^.]*$', '') "
-            "FROM images"
+            "SELECT image_id, regexp_replace(regexp_extract(uri, '[^/]*$'), '\\.[^.]*$', ''), "
+            "uri, width, height FROM images"
         ).fetchall()
         stem_count: dict[str, int] = {}
-        for _, stem in stems:
+        for _, stem, *_rest in stems:
             stem_count[stem] = stem_count.get(stem, 0) + 1
-        names = {i: s if stem_count[s] == 1 else f"{s}-{i}" for i, s in stems}
+        names = {i: s if stem_count[s] == 1 else f"{s}-{i}" for i, s, *_rest in stems}
+        written: set[str] = set()
 
         def flush(first: dict[str, Any], anns: list[dict[str, Any]]) -> None:
             doc = {
@@ -429,6 +489,7 @@ def export_sa1b(
                 "annotations": anns,
             }
             fs.pipe_file(f"{root}/{names[first['image_id']]}.json", json.dumps(doc).encode())
+            written.add(first["image_id"])
 
         current: dict[str, Any] | None = None
         anns: list[dict[str, Any]] = []
@@ -447,4 +508,11 @@ def export_sa1b(
         if current is not None:
             flush(current, anns)
             files += 1
-    return {"images": files, "masks": masks}
+        without_masks = len(stems) - files
+        if keep_images_without_masks:
+            for image_id, _, uri, width, height in stems:
+                if image_id not in written:
+                    image = {"image_id": image_id, "uri": uri}
+                    flush({**image, "image_width": width, "image_height": height}, [])
+                    files += 1
+    return {"images": files, "masks": masks, "images_without_masks": without_masks}

@@ -11,6 +11,11 @@ class WriterConflictError(StorageError):
     """A second writer tried to write a round and stage that another live writer holds."""
 
 
+class NotAStoreError(StorageError):
+    """A store URL names no store a command can use: nothing there, a file, or a folder without
+    any of a store's tables (a typo, usually)."""
+
+
 class CocoFormatError(StorageError, ValueError):
     """A COCO file is not valid JSON or an entry in it is malformed."""
 

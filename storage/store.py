@@ -29,7 +29,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
-from maskmill.storage.errors import StorageError
+from maskmill.storage.errors import NotAStoreError, StorageError
 from maskmill.storage.schema import DICTIONARY_COLUMNS, PARTITIONED, SCHEMAS
 
 _KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -55,6 +55,24 @@ class Store:
 
     def __repr__(self) -> str:
         return f"Store({self.url!r})"
+
+    def require(self, create: bool = False) -> Store:
+        """This store, checked before a command uses it; else a NotAStoreError naming the URL.
+
+        A store is a folder holding at least one table folder (``images/``, ``masks/``, ...).
+        Commands that only read (``create`` false) need one there, so a typo is an error
+        rather than an empty store; commands that make a store (``create``) need the URL not
+        to be a file.
+        """
+        self.fs.invalidate_cache()
+        if self.fs.isfile(self.root):
+            raise NotAStoreError(f"{self.url}: is a file, not a store folder")
+        if create or any(self.fs.isdir(self.path(table)) for table in SCHEMAS):
+            return self
+        if self.fs.exists(self.root):
+            tables = ", ".join(f"{table}/" for table in SCHEMAS)
+            raise NotAStoreError(f"{self.url}: not a store (it has none of {tables})")
+        raise NotAStoreError(f"{self.url}: no store there (the path does not exist)")
 
     # -- paths ------------------------------------------------------------------------------
     def path(self, *parts: str) -> str:

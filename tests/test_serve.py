@@ -12,6 +12,7 @@ import http.client
 import io
 import json
 import os
+import select
 import shutil
 import socket
 import subprocess
@@ -749,8 +750,16 @@ def test_cli(tmp_path, capsys):
     checkpoint = tmp_path / "tiny.pt"
     save_checkpoint(build_model("tiny", seed=0), str(checkpoint))
     assert main(["serve", "--store", str(empty), "--checkpoint", str(checkpoint)]) == 2
-    assert "no images" in capsys.readouterr().err
+    assert capsys.readouterr().err == (
+        f"maskmill serve: {empty}: no store there (the path does not exist)\n"
+    )
+    assert not empty.exists()  # a typo is not made a store
+    (empty / "images").mkdir(parents=True)  # a store, with no images yet
+    assert main(["serve", "--store", str(empty), "--checkpoint", str(checkpoint)]) == 2
+    assert capsys.readouterr().err == f"maskmill serve: {empty} has no images; import some first\n"
     assert main(["serve", "--store", str(empty), "--checkpoint", str(tmp_path / "no.pt")]) == 2
+    missing = tmp_path / "no.pt"
+    assert capsys.readouterr().err == f"maskmill serve: {missing}: no such checkpoint file\n"
     with pytest.raises(SystemExit):  # argparse: auto is not a stage people annotate
         main(["serve", "--store", str(empty), "--stage", "auto"])
 
@@ -1035,3 +1044,99 @@ def test_brush_and_eraser_by_mouse_in_chromium(chromium, page_store, model, tmp_
     assert row["strokes"] == 2 and row["category"] == "walnut"
     assert row["model_iou"] == pytest.approx(iou(model_mask, expected), abs=1e-6)
     assert 0 < row["stroke_seconds"] <= row["seconds"]
+
+
+# --------------------------------------------------------------- request bodies at the edges
+
+
+def test_deeply_nested_json_is_400(client):
+    """60 KB of ``[`` (under the body limit) once ended in a 500 (RecursionError)."""
+    image_id = client.get("/api/next").json()["image"]["image_id"]
+    url = f"/api/images/{image_id}/predict"
+    for nested in ("[" * 60_000, '{"a": ' * 10_000):
+        response = client.post(url, content=nested, headers=JSON)
+        assert response.status_code == 400, response.text
+        assert response.json() == {"error": "request body is not valid JSON: nested too deeply"}
+    assert post(client, url, {"points": [[3, 3, 1]]}).status_code == 200
+
+
+def test_previous_index_is_checked_without_mask_input(client):
+    """``previous_index`` was ignored, whatever its value, unless ``mask_input_from_previous``."""
+    image_id = client.get("/api/next").json()["image"]["image_id"]
+    url = f"/api/images/{image_id}/predict"
+    for index in (-1, 0):
+        response = post(client, url, {"points": [[3, 3, 1]], "previous_index": index})
+        assert response.status_code == 422, response.text[:200]
+        assert response.json() == {
+            "error": f"previous_index {index} needs mask_input_from_previous: true "
+            "(send null otherwise)"
+        }
+    assert post(client, url, {"points": [[3, 3, 1]], "previous_index": None}).status_code == 200
+    refine = {"points": [[3, 3, 1]], "mask_input_from_previous": True, "previous_index": -1}
+    response = post(client, url, refine)
+    assert response.status_code == 422 and "previous_index -1 is out of range" in response.text
+
+
+def _post_raw(base: str, path: str, headers: list[str], body) -> tuple[bytes, int]:
+    """POST over a socket, sending ``body`` (an iterator of byte chunks) only while no answer
+    has come; returns (the answer's bytes, the body bytes sent before it came)."""
+    host, port = base.removeprefix("http://").split(":")
+    head = [f"POST {path} HTTP/1.1", f"Host: {host}", "Content-Type: application/json"]
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(("\r\n".join(head + headers) + "\r\n\r\n").encode())
+        sent, pending = 0, b""
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            readable, writable, _ = select.select([sock], [sock], [], 1)
+            if readable:
+                break  # the answer came (or the server closed)
+            if not writable:
+                continue
+            if not pending:
+                pending = next(body, b"")
+                if not pending:
+                    break  # all sent; wait for the answer
+            try:
+                count = sock.send(pending)
+            except (BrokenPipeError, ConnectionResetError):
+                break
+            sent += count
+            pending = pending[count:]
+        answer = b""
+        try:
+            while chunk := sock.recv(65536):
+                answer += chunk
+        except (ConnectionResetError, TimeoutError):
+            pass
+        return answer, sent
+
+
+def test_body_limit_is_enforced_before_and_while_reading(session):
+    """The 64 KiB limit was checked after the whole body was read: a huge declared length
+    waited for its bytes, a huge chunked body was read whole before its 413."""
+    image_id = sorted(session.images)[0]
+    path = f"/api/images/{image_id}/predict"
+    too_big = b'{"error":"request body over 65536 bytes"}'
+    with live_server(session) as base:
+        started = time.monotonic()
+        answer, _ = _post_raw(base, path, ["Content-Length: 1000000000"], iter([b"{}"]))
+        assert answer.startswith(b"HTTP/1.1 413 "), answer[:200]
+        assert answer.endswith(too_big)
+        assert time.monotonic() - started < 10  # not waiting for a gigabyte
+        # The connection is closed, not kept for the rest of the body to be drained.
+        assert b"\r\nconnection: close\r\n" in answer.lower()
+
+        total = 256 * 2**20
+        chunk = b"[" + b" " * (2**16 - 2) + b"]"  # 64 KiB of (not yet) JSON per chunk
+        framed = f"{len(chunk):x}\r\n".encode() + chunk + b"\r\n"
+        body = (framed for _ in range(total // len(chunk)))
+        answer, sent = _post_raw(base, path, ["Transfer-Encoding: chunked"], body)
+        assert answer.startswith(b"HTTP/1.1 413 "), answer[:200]
+        assert answer.endswith(too_big)
+        assert sent < 32 * 2**20  # what socket buffers hold, not the 256 MiB offered
+        # A body under the limit is still read whole, in chunks as in one piece.
+        small = json.dumps({"points": [[3, 3, 1]]}).encode()
+        framed = f"{len(small):x}\r\n".encode() + small + b"\r\n0\r\n\r\n"
+        headers = ["Transfer-Encoding: chunked", "Connection: close"]
+        answer, _ = _post_raw(base, path, headers, iter([framed]))
+        assert answer.startswith(b"HTTP/1.1 200 "), answer[:200]

@@ -181,15 +181,18 @@ def test_maskmill_run_options_become_settings_with_the_models_defaults():
 @pytest.mark.parametrize(
     "argv, lines",
     [
-        (["--workers", "0"], ["error: workers: Input should be greater than or equal to 1"]),
+        (
+            ["--workers", "0"],
+            ["maskmill run: workers: Input should be greater than or equal to 1"],
+        ),
         (
             ["--workers", "0", "--holdout", "2"],
             [
-                "error: workers: Input should be greater than or equal to 1",
-                "error: holdout: Input should be less than 1",
+                "maskmill run: workers: Input should be greater than or equal to 1",
+                "maskmill run: holdout: Input should be less than 1",
             ],
         ),
-        (["--images", "photos/", "--store", "s"], [f"error: {GROUND_TRUTH_RULE}"]),
+        (["--images", "photos/", "--store", "s"], [f"maskmill run: {GROUND_TRUTH_RULE}"]),
     ],
 )
 def test_maskmill_run_prints_one_line_per_problem_and_exits_2(argv, lines, capsys):

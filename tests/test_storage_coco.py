@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from collections import Counter
 from collections.abc import Iterator
+from pathlib import Path
 
 import fsspec
 import numpy as np
 import pytest
+from PIL import Image
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
@@ -98,7 +102,7 @@ def test_export_import_round_trip(tmp_path, store):
     annotations, images, _ = make_coco(tmp_path)
     import_coco(str(annotations), str(images), store)
     exported = tmp_path / "export.json"
-    assert export_coco(store, str(exported)) == {"images": 4, "masks": 6}
+    assert export_coco(store, str(exported)) == {"images": 4, "masks": 6, "images_without_masks": 1}
 
     again = Store(str(tmp_path / "again"))
     import_coco(str(exported), str(images), again)
@@ -135,10 +139,17 @@ def test_sa1b_export(tmp_path, store):
         if store.url.startswith("memory")
         else str(tmp_path / "sa1b")
     )
-    assert export_sa1b(store, out) == {"images": 3, "masks": 6}  # d.png has no masks
+    # d.png has no masks: kept (an empty annotations list) unless asked to leave it out
+    assert export_sa1b(store, out, keep_images_without_masks=False) == {
+        "images": 3,
+        "masks": 6,
+        "images_without_masks": 1,
+    }
     fs, root = fsspec.core.url_to_fs(out)
     names = sorted(p.rsplit("/", 1)[1] for p in fs.ls(root, detail=False))
     assert names == ["a.json", "b.json", "c.json"]
+    assert export_sa1b(store, out)["images"] == 4
+    assert json.loads(fs.cat_file(f"{root}/d.json"))["annotations"] == []
     doc = json.loads(fs.cat_file(f"{root}/a.json"))
     assert doc["image"]["width"] == 64 and doc["image"]["file_name"] == "a.png"
     assert len(doc["annotations"]) == 3
@@ -269,3 +280,98 @@ def test_storage_imports_neither_prefect_nor_ray():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+# -- polygons off the image, bad images: refused or reported, never stored silently ---------
+def _polygon_outside(data, images):
+    data["annotations"][4]["segmentation"] = [[100, 10, 120, 10, 110, 30]]  # b.png is 80x60
+
+
+def _polygon_degenerate(data, images):
+    data["annotations"][5]["segmentation"] = [[1, 1, 2, 2, 3, 3]]  # on one line
+
+
+@pytest.mark.parametrize(
+    ("change", "words"),
+    [
+        (
+            _polygon_outside,
+            "annotations[4] (id=22, image_id=2): the polygon lies wholly outside the 80x60 "
+            "(w x h) image (x 100..120, y 10..30): its mask is empty",
+        ),
+        (
+            _polygon_degenerate,
+            "annotations[5] (id=31, image_id=3): the polygon covers no pixel (degenerate): "
+            "its mask is empty",
+        ),
+    ],
+    ids=["outside", "degenerate"],
+)
+def test_polygon_covering_no_pixel_is_refused(tmp_path, store, change, words):
+    """Once stored as an empty mask (area 0, bbox 0); now a named error, nothing written."""
+    annotations, images = _broken(tmp_path, change)
+    with pytest.raises(CocoFormatError) as caught:
+        import_coco(annotations, images, store)
+    assert str(caught.value) == words
+    assert snapshot(store) == {}
+
+
+def _polygons_past_the_edge(data, images):
+    data["annotations"][0]["segmentation"] = [[-10, 2, 20, 3, 18, 25, 4, 20]]  # a.png 64x48
+    data["annotations"][5]["segmentation"] = [[40, 40, 70, 40, 45, 49]]  # c.png 50x50
+
+
+def _import_coco_cli(annotations: str, images: str, store: str) -> subprocess.CompletedProcess:
+    """``maskmill import-coco``, the real entry point, in a subprocess."""
+    command = [sys.executable, "-m", "maskmill.flows.cli", "import-coco"]
+    command += ["--annotations", annotations, "--images", images, "--store", store]
+    return subprocess.run(command, capture_output=True, text=True, timeout=300)
+
+
+def test_clipped_polygons_are_counted_and_printed(tmp_path):
+    annotations, images = _broken(tmp_path, _polygons_past_the_edge)
+    store = Store(str(tmp_path / "store"))
+    result = import_coco(annotations, images, store)
+    assert (result.images, result.masks, result.clipped) == (4, 6, 2)
+    polygon = json.loads(Path(annotations).read_text())["annotations"][0]["segmentation"]
+    on_image = int(mask_utils.area(mask_utils.frPyObjects(polygon, 48, 64)[0]))
+    with Catalog(store) as catalog:
+        areas = [a for (a,) in catalog.con.execute("SELECT area FROM masks").fetchall()]
+    assert on_image > 0 and on_image in areas and 0 not in areas  # clipped, not emptied
+    again = str(tmp_path / "again")
+    out = _import_coco_cli(annotations, images, again)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == (
+        f"imported 4 images and 6 masks as ground truth (round 0, stage gt) into {again}; "
+        "2 polygon mask(s) reached past their image's edge and were clipped to it\n"
+    )
+    unclipped, images_ok, _ = make_coco(tmp_path / "ok")
+    assert import_coco(str(unclipped), str(images_ok), Store(str(tmp_path / "s3"))).clipped == 0
+
+
+def test_import_coco_cli_refuses_truncated_jpeg_and_tiny_image(tmp_path):
+    """Images are validated once, at import, by the stages' own reader: a truncated JPEG and a
+    1x1 image are named errors of the command and the store is not created."""
+    annotations, images, data = make_coco(tmp_path)
+    rgb = np.random.default_rng(1).integers(0, 256, (40, 50, 3), dtype=np.uint8)
+    Image.fromarray(rgb).save(images / "cut.jpg", quality=90)
+    jpeg = (images / "cut.jpg").read_bytes()
+    (images / "cut.jpg").write_bytes(jpeg[: len(jpeg) // 2])  # the header is whole
+    Image.fromarray(rgb[:1, :1]).save(images / "dot.png")
+    data["images"] += [{"id": 5, "file_name": "cut.jpg"}, {"id": 6, "file_name": "dot.png"}]
+    annotations.write_text(json.dumps(data))
+    store = tmp_path / "store"
+    out = _import_coco_cli(str(annotations), str(images), str(store))
+    assert out.returncode == 2 and out.stdout == ""
+    lines = out.stderr.splitlines()
+    at = lines.index(
+        f"maskmill import-coco: {annotations}: 2 problem(s), nothing was written to the store:"
+    )
+    assert lines[at + 1].startswith(
+        f"  - BadImageError: images[4] (id=5, file_name='cut.jpg'): {images}/cut.jpg: truncated: "
+    )
+    assert lines[at + 2] == (
+        f"  - BadImageError: images[5] (id=6, file_name='dot.png'): {images}/dot.png: too_small: "
+        "1x1 pixels; maskmill needs at least 8x8"
+    )
+    assert not store.exists()

@@ -222,7 +222,7 @@ def test_cli_commands(tmp_path, store, capsys):
         == 0
     )
     assert capsys.readouterr().out == "category\tn\nfig\t3\nnut\t3\n"
-    assert main(["query", "--store", url, "SELECT nope FROM masks"]) == 1
+    assert main(["query", "--store", url, "SELECT nope FROM masks"]) == 2
     assert "nope" in capsys.readouterr().err
 
     out_file = tmp_path / "out.json"
@@ -246,7 +246,7 @@ def test_cli_commands(tmp_path, store, capsys):
     assert (
         main(["export", "--store", url, "--format", "sa1b", "--out", str(tmp_path / "sa1b")]) == 0
     )
-    assert len(list((tmp_path / "sa1b").glob("*.json"))) == 3
+    assert len(list((tmp_path / "sa1b").glob("*.json"))) == 4  # d.png too, with no masks
     capsys.readouterr()
 
     (images / "a.png").unlink()
@@ -262,7 +262,7 @@ def test_cli_commands(tmp_path, store, capsys):
                 url,
             ]
         )
-        == 1
+        == 2
     )
     err = capsys.readouterr().err
     assert "maskmill import-coco: images[0] (id=1, file_name='a.png'): " in err

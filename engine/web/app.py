@@ -21,8 +21,10 @@ cross-site form cannot send without a CORS preflight this app never grants)::
 
 Coordinates are XY pixels of the stored image; boxes XYXY; a stroke's points are integers (its
 pixels, the object's masks and working time: :mod:`engine.web.session`). Errors are
-``{"error": message}`` with a 4xx status: 400 malformed JSON, 404 unknown image or path, 409 a
-request out of turn, 413 a body over 64 KiB, 415 not JSON, 422 a value out of range. Nothing on
+``{"error": message}`` with a 4xx status: 400 malformed JSON (nested too deeply included), 404
+unknown image or path, 409 a request out of turn, 413 a body over 64 KiB (known from
+``Content-Length`` before reading, else once that much has streamed in), 415 not JSON, 422 a
+value out of range. Nothing on
 disk is named by request input: images are looked up by id in the store's images table, and the
 page is one packaged file.
 """
@@ -180,7 +182,10 @@ def create_app(session: AnnotationSession, allowed_hosts: list[str] | None = Non
 
 
 def _error(status: int, message: str) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status)
+    # After a 413 the rest of the body is never read: closing the connection stops the server
+    # from draining it (uvicorn would otherwise read and discard it all to reuse the connection).
+    headers = {"Connection": "close"} if status == 413 else None
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
 def _reject_constant(name: str) -> float:
@@ -192,18 +197,35 @@ async def _json_body(request: Request) -> dict[str, Any]:
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type != "application/json":
         raise SessionError(415, "send the request body as Content-Type: application/json")
-    raw = await request.body()
-    if len(raw) > MAX_BODY_BYTES:
-        raise SessionError(413, f"request body over {MAX_BODY_BYTES} bytes")
+    raw = await _read_body(request)
     if not raw.strip():
         return {}
     try:
         body = json.loads(raw, parse_constant=_reject_constant)
     except (ValueError, UnicodeDecodeError) as error:
         raise SessionError(400, f"request body is not valid JSON: {error}") from None
+    except RecursionError:  # json recurses once per nested [ or {
+        raise SessionError(400, "request body is not valid JSON: nested too deeply") from None
     if not isinstance(body, dict):
         raise SessionError(422, f"request body must be a JSON object, got {type(body).__name__}")
     return body
+
+
+async def _read_body(request: Request) -> bytes:
+    """The request body, refused (413) as soon as it is known to be over MAX_BODY_BYTES: by its
+    ``Content-Length`` before anything is read, else while it streams in (chunked bodies)."""
+    too_big = SessionError(413, f"request body over {MAX_BODY_BYTES} bytes")
+    length = request.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > MAX_BODY_BYTES:
+        raise too_big
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            raise too_big
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def _fields(body: dict[str, Any], allowed: set[str]) -> None:
@@ -275,7 +297,12 @@ def _prompt(body: dict[str, Any]) -> dict[str, Any]:
 def serve(
     session: AnnotationSession, host: str = "127.0.0.1", port: int = 8765, log_level: str = "info"
 ) -> None:
-    """Run the app on ``host:port`` with uvicorn until interrupted (Ctrl-C)."""
+    """Run the app on ``host:port`` with uvicorn until interrupted (Ctrl-C or SIGTERM).
+
+    uvicorn shuts down gracefully on either signal, then raises it again for the handler it
+    replaced: Ctrl-C's ``KeyboardInterrupt``, or the exception of the caller's SIGTERM handler
+    (``maskmill serve`` installs one), so the caller's ``with session`` gives the lease back.
+    """
     import uvicorn
 
     allowed = None if host in ("0.0.0.0", "::") else ["127.0.0.1", "localhost", host]

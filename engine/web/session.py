@@ -389,7 +389,8 @@ class AnnotationSession:
             box: XYXY pixels, or None.
             mask_input_from_previous: feed the previous prediction's logits (mask
                 ``previous_index``, default its best) back as the mask prompt (SAM's loop).
-            previous_index: which previous mask to feed back.
+            previous_index: which previous mask to feed back (only with
+                ``mask_input_from_previous``; else None, or 422).
             multimask: three ambiguous masks; default: only for a single point without a box or
                 mask prompt (where a click is ambiguous), one mask otherwise.
 
@@ -410,6 +411,13 @@ class AnnotationSession:
             labels = np.asarray([p[2] for p in points], np.int64).reshape(-1)
             box_array = None if box is None else np.asarray(box, np.float64).reshape(4)
             mask_input = None
+            if previous_index is not None and not mask_input_from_previous:
+                # Checked always: an index that would be ignored is a client bug to report.
+                raise SessionError(
+                    422,
+                    f"previous_index {previous_index} needs mask_input_from_previous: true "
+                    "(send null otherwise)",
+                )
             if mask_input_from_previous:
                 previous = work.object.prediction
                 if previous is None:
