@@ -15,7 +15,9 @@ model each round used and produced), then each yardstick with its value and goal
   goal >= 95 %;
 - seconds per mask in the last manual round / in the first; goal <= 0.75;
 - the last model's held-out 1-click mIoU minus the starting model's; goal >= +0.08;
-- semi-round masks per image / manual-round masks per image; goal >= 1.
+- semi-round masks per image / manual-round masks per image; goal >= 1;
+- and, with no goal, the same annotator's seconds per mask on the held-out images with the last
+  model / with the first: the model's part of the cost, free of the rounds' different images.
 
 The reference for every ratio is measured in the same run (round 1, model v1).
 """
@@ -30,9 +32,12 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
-from maskmill.engine.plan import model_for_round
+from maskmill.engine.annotators import SimulatedAnnotator
+from maskmill.engine.plan import heldout_samples, make_plan, model_for_round
 from maskmill.engine.report import format_rounds, rounds_table
+from maskmill.model import Predictor, load_checkpoint
 from maskmill.storage import Catalog, Store, rle
 from maskmill.storage.plots import plot_learning_curves
 from maskmill.storage.queries import existing_masks, ground_truth, images_done, learning_curves
@@ -71,6 +76,34 @@ def coverage(store: Store, rows: list[dict]) -> dict[str, float]:
     }
 
 
+def heldout_seconds(store: Store, manual_rounds: int, semi_rounds: int) -> dict[str, float]:
+    """Seconds per mask of the engine's simulated annotator (default settings) drawing every
+    object of the held-out images from scratch, with the first model and with the one the
+    engine would use next: the same images and objects for both."""
+    metas = store.model_metas()
+    if not metas:
+        return {}
+    plan = make_plan(store, manual_rounds, semi_rounds)
+    samples = list(heldout_samples(store, plan))
+    newest = model_for_round(store, max(int(m.get("round") or 0) for m in metas) + 1)
+    out: dict[str, float] = {}
+    for name, meta in (("first", metas[0]), ("last", newest)):
+        predictor = Predictor(load_checkpoint(meta["uri"]))
+        seconds, masks = 0.0, 0
+        for index, (image, objects) in enumerate(samples):
+            annotator = SimulatedAnnotator(lambda _id, objects=objects: objects)
+            with torch.inference_mode():
+                predictor.set_image(image)
+                drawn = annotator.annotate(str(index), image, predictor, []).masks
+            seconds += sum(mask.seconds for mask in drawn)
+            masks += len(drawn)
+        if masks:
+            out[f"heldout_seconds_{name}"] = seconds / masks
+    if len(out) == 2:
+        out["heldout_seconds_ratio"] = out["heldout_seconds_last"] / out["heldout_seconds_first"]
+    return out
+
+
 def yardsticks(store: Store) -> dict[str, float | None]:
     rows = learning_curves(store)
     manual = [r for r in rows if r["stage"] == "manual"]
@@ -101,6 +134,9 @@ GOALS = [
     ("seconds_ratio", "seconds per mask, last manual round / first", "<=", 0.75, "{:.2f}"),
     ("miou_gain", "held-out 1-click mIoU, last model - first", ">=", 0.08, "{:+.3f}"),
     ("semi_over_manual", "masks per image, semi / manual", ">=", 1.0, "{:.2f}"),
+    ("heldout_seconds_first", "held-out seconds per mask, first model", None, None, "{:.1f}"),
+    ("heldout_seconds_last", "held-out seconds per mask, last model", None, None, "{:.1f}"),
+    ("heldout_seconds_ratio", "... last / first (same images)", None, None, "{:.2f}"),
 ]
 
 
@@ -165,6 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     store = Store(args.store)
     print(format_rounds(rounds_table(store)))
     values = yardsticks(store)
+    values.update(heldout_seconds(store, args.manual_rounds, args.semi_rounds))
     print(report(values))
     with Catalog(store) as catalog:
         print("learning curves:", plot_learning_curves(catalog, str(Path(args.store).parent)))

@@ -413,7 +413,7 @@ def calibrate_presets(
 
     A retrained model's IoU head shifts: the same threshold keeps different masks. The quality
     bar of a preset is the mean best IoU with a ground-truth object of the masks the base model
-    keeps at it on the held-out ``samples`` (measured once with ``base``, then carried in the
+    keeps at it on the ``samples`` (measured once with ``base``, then carried in the
     metadata as ``quality_bar``). ``model``'s new ``pred_iou_thresh`` is the lowest at which
     its kept masks (same stability threshold) reach that bar, so a better model keeps more
     masks of the same quality; the threshold sits midway between the last mask kept and the
@@ -423,7 +423,8 @@ def calibrate_presets(
     Args:
         model: the new model.
         presets: its base's presets (``generator_presets(base)``).
-        samples: held-out (H, W, 3) uint8 images with their ground-truth COCO RLEs.
+        samples: (H, W, 3) uint8 images with their reference COCO RLEs (the engine passes
+            validation images with their annotated masks, never held-out ones).
         generator_options: the stages' grid (``engine.stages.STAGE_GENERATOR``).
         quality_bar: the bars carried from earlier calibrations; missing ones are measured
             with ``base``.

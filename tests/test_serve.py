@@ -829,28 +829,35 @@ def test_live_server_refuses_traversal(session):
 # ---------------------------------------------------------------------------- in Chromium
 
 
-def _install_chromium() -> None:
-    """``apt-get install chromium`` (after ``apt-get update`` if the first try fails), as root."""
-    if not hasattr(os, "geteuid") or os.geteuid() != 0 or not shutil.which("apt-get"):
-        return
+def _install_chromium() -> str | None:
+    """``apt-get install chromium`` (after ``apt-get update`` if the first try fails), as root;
+    None when it was installed, else why it could not be."""
+    if not hasattr(os, "geteuid") or os.geteuid() != 0:
+        return "installing it needs root (apt-get); run `sudo apt-get install -y chromium`"
+    if not shutil.which("apt-get"):
+        return "there is no apt-get here to install it; install Chromium at that path"
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     install = ["apt-get", "install", "-y", "chromium"]
     if subprocess.run(install, env=env, capture_output=True, timeout=1200).returncode == 0:
-        return
+        return None
     subprocess.run(["apt-get", "update"], env=env, capture_output=True, timeout=600)
-    subprocess.run(install, env=env, capture_output=True, timeout=1200)
+    done = subprocess.run(install, env=env, capture_output=True, text=True, timeout=1200)
+    if done.returncode == 0:
+        return None
+    return f"`apt-get install -y chromium` failed: {done.stderr.strip().splitlines()[-1:]}"
 
 
 @pytest.fixture(scope="session")
 def chromium() -> str:
-    """Debian's chromium for Playwright (installed here if missing). Missing it fails the test
-    under CI and skips it elsewhere."""
-    if not os.path.exists(CHROMIUM):
-        _install_chromium()
+    """Debian's chromium for Playwright (installed here if missing). Where it cannot be had the
+    browser tests are skipped with the reason; under CI (``CI`` set, a root machine with
+    apt-get) they fail instead, so a CI run cannot pass without the browser checks."""
     problem = None
     if not os.path.exists(CHROMIUM):
-        problem = f"{CHROMIUM} is missing and `apt-get install -y chromium` could not add it"
-    else:
+        reason = _install_chromium()
+        if not os.path.exists(CHROMIUM):
+            problem = f"browser tests need {CHROMIUM}: {reason or 'still missing after apt-get'}"
+    if problem is None:
         try:
             import playwright.sync_api  # noqa: F401
         except ImportError:

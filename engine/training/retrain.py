@@ -52,7 +52,6 @@ from maskmill.engine.plan import (
     Plan,
     evaluate_heldout,
     evaluate_validation,
-    heldout_samples,
     model_bytes,
     validation_samples,
 )
@@ -66,7 +65,8 @@ from maskmill.storage.queries import training_set
 from maskmill.storage.schema import STAGE_GT
 from maskmill.storage.writer import utc_now
 
-# Held-out images the generator presets are re-calibrated on (a bound on the retrain's cost).
+# Validation images the generator presets are re-calibrated on, at most (a bound on the
+# retrain's cost).
 CALIBRATION_IMAGES = 8
 # The trained weights' file inside the Ray Train checkpoint.
 CHECKPOINT_FILE = "model.pt"
@@ -121,6 +121,9 @@ class RetrainConfig:
         scale_jitter: a draw's scale is log-uniform in [1 / (1 + j), 1 + j]; 0 turns it off.
         tolerance: the candidate is promoted when its validation 1-click mIoU is at least the
             base's minus this.
+        approved_only: train only on masks a reviewer approved (and ground truth); by default
+            a round and stage with review verdicts gives its approved masks and one without
+            gives all (``storage.queries.reviewed_masks``).
     """
 
     steps: int | None = None
@@ -139,6 +142,7 @@ class RetrainConfig:
     flip_probability: float = 0.5
     scale_jitter: float = 0.25
     tolerance: float = 0.0
+    approved_only: bool = False
 
     def __post_init__(self) -> None:
         checks = {
@@ -226,7 +230,14 @@ def retrain(
             return meta
     stages = tuple(config.stages) + (("auto",) if config.include_auto else ())
     held_apart = sorted(set(plan.heldout) | set(plan.validation))
-    samples = training_set(store, stages, round_ + 1, held_apart, config.min_mask_area)
+    samples = training_set(
+        store,
+        stages,
+        round_ + 1,
+        held_apart,
+        config.min_mask_area,
+        approved_only=config.approved_only,
+    )
     # Masks of rounds after the base's own are new to it (all of them for a starting model).
     seen_round = int(base_meta.get("round") or 0) if base_meta.get("source") == "retrain" else -1
     new_masks = sum(len(s["masks"]) for s in samples if s["round"] > seen_round)
@@ -254,11 +265,13 @@ def retrain(
         heldout = {k: v for k, v in (base_meta.get("metrics") or {}).items() if "heldout" in k}
     if promoted:
         # The generator thresholds travel with the weights: the base's presets, re-expressed in
-        # the new IoU head's units on the held-out images (kept as they are when it cannot be).
+        # the new IoU head's units on the validation images, whose truth is the annotators'
+        # masks (kept as they are when it cannot be). Never on the held-out images: they only
+        # report, so nothing the engine decides may have looked at them.
         calibration = calibrate_presets(
             model,
             generator_presets(base),
-            list(heldout_samples(store, plan, CALIBRATION_IMAGES)),
+            validation[:CALIBRATION_IMAGES],
             STAGE_GENERATOR,
             quality_bar=base.metadata.get("generator_quality_bar"),
             base=base,
