@@ -71,7 +71,8 @@ def main(argv: list[str] | None = None) -> int:
         image_id = session.state()["image"]["image_id"]  # opens the image: the embedding
         embed_s = time.perf_counter() - started
         client = TestClient(create_app(session))
-        predictor = session.predictor
+        work = session.workspace()  # the one person's: their predictor and open image
+        predictor = work.predictor
         rng = np.random.default_rng(0)
         xs = rng.integers(0, args.width, args.clicks)
         ys = rng.integers(0, args.height, args.clicks)
@@ -87,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
                 refine = kind == "refine"
                 # Interleaved, so load from other processes hits all three alike.
                 session.predict(image_id, [[x, y, 1]])
-                previous = session._open.object.prediction.low_res[:1] if refine else None
+                previous = work.open.object.prediction.low_res[:1] if refine else None
                 coords = np.asarray([p[:2] for p in points], np.float32)
                 labels = np.asarray([p[2] for p in points])
                 t = time.perf_counter()

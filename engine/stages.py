@@ -15,20 +15,27 @@ cannot be read goes to the failures table with the reason, and the round goes on
 image whose model step raises (reason ``model_error``, with the exception). A failed image has no
 shard, so a rerun tries it again. Each stage
 ends by writing its row of the rounds table (:func:`stage_metrics`).
+
+The two annotation stages write with ``StageWriter(shared=True)``: each image is claimed
+(``storage.claims``), annotated while its claim is renewed, and committed once, so a simulated
+annotator, other runs and people on ``maskmill serve`` can share a round; a run out of images to
+claim waits for the others' and the row is written by whoever completes the round. The automatic
+stage keeps the round-wide writer lease (one pool does the whole pass).
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import torch
 
-from maskmill.engine.annotators import Annotator
+from maskmill.engine.annotators import Annotation, Annotator
 from maskmill.engine.plan import Plan
 from maskmill.model import MaskGenerator, Predictor, Sam, load_checkpoint
-from maskmill.storage import StageWriter, Store
+from maskmill.storage import ClaimLostError, ImageDoneError, StageWriter, Store
 from maskmill.storage.images import BadImageError, ImageInfo, load_stored_image
 from maskmill.storage.queries import existing_masks, stage_figures
 
@@ -36,6 +43,10 @@ from maskmill.storage.queries import existing_masks, stage_figures
 # image are dropped, as for SA-1B. The thresholds are not here: they are the model's own
 # (``generator_presets``: ``auto`` for the automatic stage, the stricter ``semi`` for the
 # semi-automatic pre-fill), stored with its weights.
+# How often an annotation stage out of images to claim looks again while others (people, other
+# runs) still hold some: a claim that expires comes back to it.
+CLAIM_POLL_S = 2.0
+
 STAGE_GENERATOR: dict[str, Any] = {
     "points_per_side": 16,
     "points_per_batch": 64,
@@ -115,10 +126,12 @@ def _annotation_stage(
     thresholds: dict[str, float] = {}
     # What the annotator did that leaves no mask in the store, summed over this run's images.
     run_counts = dict.fromkeys(("prefill_deleted", "skipped_small", "skipped_budget"), 0)
-    with StageWriter(store, round_, stage) as writer:
-        todo = [plan.images[i] for i in image_ids if not writer.done(i)]
+    # Shared: people (maskmill serve) and other runs may annotate this round and stage at once;
+    # each image is claimed, annotated and committed by one of them.
+    with StageWriter(store, round_, stage, shared=True) as writer:
+        todo = [i for i in image_ids if not writer.done(i)]
         # One query for the stage: what earlier rounds drew on each image (shown, not redone).
-        earlier = existing_masks(store, [row.image_id for row in todo], round_)
+        earlier = existing_masks(store, todo, round_)
         if todo:
             model = load_checkpoint(model_meta["uri"])
             predictor = Predictor(model)
@@ -126,42 +139,88 @@ def _annotation_stage(
             if generator_options is not None:
                 generator = stage_generator(model, "semi", generator_options)
                 thresholds = _thresholds(generator)
-        for row in _bar(todo, f"round {round_} {stage}", progress):
-            image = read_stored_image(writer, row)
-            if image is None:
-                continue
-            prefill: list[dict[str, Any]] = []
-            try:
-                with torch.inference_mode():
-                    if generator is not None:
-                        prefill = [{**r, "source": "model"} for r in generator.generate(image)]
-                    predictor.set_image(image)
-                    annotation = annotator.annotate(
-                        row.image_id,
-                        image,
-                        predictor,
-                        earlier[row.image_id],
-                        [record["segmentation"] for record in prefill],
+        failed: set[str] = set()  # images this run wrote a failure for: not tried again
+        row: dict[str, Any] | None = None
+        while row is None:
+            claimed = _claim_each(writer, todo, failed)
+            for image_id in _bar(claimed, f"round {round_} {stage}", progress, len(todo)):
+                info = plan.images[image_id]
+                with writer.claims.keep_alive(image_id):
+                    result = _annotate(
+                        writer, info, predictor, generator, annotator, earlier[image_id]
                     )
-            except Exception as error:  # noqa: BLE001 - one image's error must not end the round
-                message = f"{row.uri}: model_error: {type(error).__name__}: {error}"
-                writer.write_failures(
-                    row.image_id, [{"image_id": row.image_id, "uri": row.uri, "error": message}]
-                )
-                continue
-            # The pre-fill the annotator kept as is stays the model's; the rest it corrected
-            # (now among its own masks) or deleted.
-            records = [prefill[index] for index in annotation.kept_prefill]
-            records.extend(annotation.records(annotator.source))
-            for name in run_counts:
-                run_counts[name] += getattr(annotation, name)
-            for index, record in enumerate(records):
-                record.update(image_id=row.image_id, index=index)
-            writer.write_masks(row.image_id, records, model_version=version)
-        metrics = stage_metrics(
-            store, round_, stage, model_meta, time.perf_counter() - started, run_counts
+                if result is None:  # its failure is recorded
+                    failed.add(image_id)
+                    continue
+                records, annotation = result
+                try:
+                    writer.write_masks(image_id, records, model_version=version)
+                except (ClaimLostError, ImageDoneError):
+                    continue  # another annotator took the image over (its claim had expired)
+                for name in run_counts:
+                    run_counts[name] += getattr(annotation, name)
+            metrics = stage_metrics(
+                store, round_, stage, model_meta, time.perf_counter() - started, run_counts
+            )
+            # None while others still hold images of the round: wait for them (a claim that
+            # expires comes back to claim_next here), then whoever finishes last writes the row.
+            row = writer.finish_if_complete(
+                image_ids, model_version=version, metrics={**metrics, **thresholds}
+            )
+            if row is None:
+                time.sleep(CLAIM_POLL_S)
+        return row
+
+
+def _claim_each(writer: StageWriter, image_ids: list[str], failed: set[str]) -> Iterator[str]:
+    """Claim and yield the images of ``image_ids`` one at a time, in their order, skipping the
+    ones other annotators hold or have done and those in ``failed``; ends when none is left
+    to claim (the others' may still be in progress)."""
+    claims = writer.claims
+    while (image_id := claims.claim_next(i for i in image_ids if i not in failed)) is not None:
+        yield image_id
+
+
+def _annotate(
+    writer: StageWriter,
+    info: ImageInfo,
+    predictor: Predictor,
+    generator: MaskGenerator | None,
+    annotator: Annotator,
+    earlier: list[dict[str, Any]],
+) -> tuple[list[dict[str, Any]], Annotation] | None:
+    """The mask records of one image (the kept pre-fill, then the annotator's, numbered) and
+    the annotation; None after writing the image's failure (unreadable, or the model step
+    raised)."""
+    image = read_stored_image(writer, info)
+    if image is None:
+        return None
+    prefill: list[dict[str, Any]] = []
+    try:
+        with torch.inference_mode():
+            if generator is not None:
+                prefill = [{**r, "source": "model"} for r in generator.generate(image)]
+            predictor.set_image(image)
+            annotation = annotator.annotate(
+                info.image_id,
+                image,
+                predictor,
+                earlier,
+                [record["segmentation"] for record in prefill],
+            )
+    except Exception as error:  # noqa: BLE001 - one image's error must not end the round
+        message = f"{info.uri}: model_error: {type(error).__name__}: {error}"
+        writer.write_failures(
+            info.image_id, [{"image_id": info.image_id, "uri": info.uri, "error": message}]
         )
-        return writer.finish(model_version=version, metrics={**metrics, **thresholds})
+        return None
+    # The pre-fill the annotator kept as is stays the model's; the rest it corrected (now among
+    # its own masks) or deleted.
+    records = [prefill[index] for index in annotation.kept_prefill]
+    records.extend(annotation.records(annotator.source))
+    for index, record in enumerate(records):
+        record.update(image_id=info.image_id, index=index)
+    return records, annotation
 
 
 def fully_automatic(

@@ -15,6 +15,7 @@ COMMAND_MODULES = [
     "maskmill.flows.cli_train",
     "maskmill.flows.cli_engine",
     "maskmill.flows.cli_serve",
+    "maskmill.flows.cli_users",
 ]
 
 

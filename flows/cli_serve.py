@@ -5,17 +5,23 @@ from __future__ import annotations
 import argparse
 import getpass
 
+DEFAULT_HOST = "127.0.0.1"  # this machine only: without accounts, the only address allowed
+DEFAULT_PORT = 8765
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "serve",
         help="annotate a round in the browser (assisted-manual or semi-automatic stage)",
         description=(
-            "Serve the annotation page for one round and stage of a store: it shows the next "
-            "image without masks of that round, the model draws the mask of each click, a "
-            "brush and an eraser correct it, and accepted masks are written to the store with "
-            "their clicks, strokes, working seconds and category. Holds the round's writer "
-            "lease while it runs (Ctrl-C or SIGTERM to stop; either gives it back)."
+            "Serve the annotation page for one round and stage of a store: it shows each person "
+            "the next image of that round nobody else holds, the model draws the mask of each "
+            "click, a brush and an eraser correct it, and an image's accepted masks are written "
+            "to the store, with their clicks, strokes, working seconds and category, when the "
+            "person finishes it. Any number of people, and of serve processes sharing the "
+            "store, annotate one round at once (per-image claims). With accounts in the store "
+            "(maskmill users add) every request needs a person's token. Ctrl-C or SIGTERM "
+            "stops it (images with accepted masks are kept, the others go back to the queue)."
         ),
     )
     parser.add_argument("--store", required=True, help="store URL (folder or fsspec URL)")
@@ -36,20 +42,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--host",
-        default="127.0.0.1",
-        help="address to bind (default 127.0.0.1: this machine only)",
+        default=DEFAULT_HOST,
+        help=f"address to bind (default {DEFAULT_HOST}: this machine only); any other address "
+        "needs accounts in the store (maskmill users add)",
     )
-    parser.add_argument("--port", type=int, default=8765, help="port (default 8765)")
+    parser.add_argument(
+        "--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT})"
+    )
     parser.add_argument(
         "--annotator",
         default=None,
-        help="your name, stored as source web:<name> (default: the login name)",
+        help="your name, stored as source web:<name> (default: the login name); with accounts, "
+        "each person's account name is used instead",
     )
     parser.set_defaults(handler=run_serve)
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    from maskmill.engine.web.app import serve
+    from maskmill.engine.web.app import check_bind, serve
     from maskmill.engine.web.session import (
         AnnotationSession,
         WebAnnotator,
@@ -58,11 +68,13 @@ def run_serve(args: argparse.Namespace) -> int:
     )
     from maskmill.flows.processes import stop_on_sigterm
     from maskmill.storage import Store
+    from maskmill.storage.accounts import Accounts
 
     if not 0 < args.port < 65536:
         raise ValueError(f"--port must be 1-65535, got {args.port}")
     # Annotating needs images, so a store that is not there is a typo: refused, not created.
     store = Store(args.store).require()
+    check_bind(args.host, Accounts(store))  # before the model loads: refused at once
     round_ = args.round if args.round is not None else default_round(store, args.stage)
     model, version, meta = resolve_model(store, round_, args.checkpoint)
     name = args.annotator or _login()

@@ -75,7 +75,12 @@ def _export(args: argparse.Namespace) -> int:
     keep = not args.only_images_with_masks
     try:
         counts = export(
-            store, args.out, where=args.where, progress=True, keep_images_without_masks=keep
+            store,
+            args.out,
+            where=args.where,
+            progress=True,
+            keep_images_without_masks=keep,
+            approved_only=args.approved_only,
         )
     except duckdb.Error as error:
         if not args.where:
@@ -110,7 +115,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "query",
         help="run SQL over the store's tables",
-        description="Run DuckDB SQL over views images, masks, rounds, failures, models.",
+        description="Run DuckDB SQL over views images, masks, rounds, failures, models, reviews.",
     )
     p.add_argument("--store", required=True, help=store_help)
     p.add_argument("--json", action="store_true", help="print rows as JSON objects")
@@ -137,5 +142,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         action="store_true",
         help="list only images with an exported mask (default: every image of the store, as "
         "COCO files do; image ids are the same either way)",
+    )
+    p.add_argument(
+        "--approved-only",
+        action="store_true",
+        help="only masks a reviewer approved (and ground truth); default: a round and stage "
+        "with review verdicts gives its approved masks, one without gives all",
     )
     p.set_defaults(handler=_export)

@@ -3,11 +3,14 @@ COCO and SA-1B import, folder ingest and export, the one image reader (``storage
 the questions the engine asks (``storage.queries``). Imports neither prefect nor ray."""
 
 from maskmill.storage.catalog import Catalog
+from maskmill.storage.claims import CLAIM_TTL_S, ImageClaims
 from maskmill.storage.coco import ImportResult, export_coco, export_sa1b, import_coco
 from maskmill.storage.errors import (
     BadImageError,
+    ClaimLostError,
     CocoFormatError,
     GroundTruthConflictError,
+    ImageDoneError,
     MaskSizeError,
     MissingImageError,
     NotAStoreError,
@@ -25,11 +28,15 @@ from maskmill.storage.store import Store
 from maskmill.storage.writer import StageWriter, masks_table
 
 __all__ = [
+    "CLAIM_TTL_S",
     "SCHEMAS",
     "BadImageError",
     "Catalog",
+    "ClaimLostError",
     "CocoFormatError",
     "GroundTruthConflictError",
+    "ImageClaims",
+    "ImageDoneError",
     "ImageInfo",
     "ImportResult",
     "MaskSizeError",

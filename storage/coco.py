@@ -31,6 +31,7 @@ from maskmill.storage.errors import (
     ValidationErrors,
 )
 from maskmill.storage.images import ImageInfo, read_image_info
+from maskmill.storage.queries import reviewed_masks
 from maskmill.storage.schema import STAGE_GT
 from maskmill.storage.store import Store
 from maskmill.storage.writer import StageWriter, masks_table, utc_now
@@ -308,8 +309,11 @@ _EXPORT_COLUMNS = (
 )
 
 
-def _export_rows(catalog: Catalog, where: str | None, batch: int = 10_000) -> Iterator[dict]:
-    """Mask rows joined with their image, grouped by image, in the order they were written.
+def _export_rows(
+    catalog: Catalog, where: str | None, rule: str, batch: int = 10_000
+) -> Iterator[dict]:
+    """Mask rows joined with their image, grouped by image, in the order they were written;
+    review ``rule`` applies (``storage.queries.reviewed_masks``).
 
     The shard file and row number keep each image's masks in write order, so an exported file
     imported again gets the same mask indexes (and so the same mask ids).
@@ -317,9 +321,12 @@ def _export_rows(catalog: Catalog, where: str | None, batch: int = 10_000) -> It
     if not catalog.store.shards("masks"):
         return
     scan = catalog.scan("masks")
+    masks = reviewed_masks(
+        f"(SELECT *, filename AS _file, file_row_number AS _row FROM {scan})", rule
+    )
     query = (
         f"SELECT {_EXPORT_COLUMNS}, i.uri, i.width AS image_width, i.height AS image_height "
-        f"FROM (SELECT *, filename AS _file, file_row_number AS _row FROM {scan}) m "
+        f"FROM {masks} m "
         "JOIN images i USING (image_id) "
         + (f"WHERE {where} " if where else "")
         + "ORDER BY i.uri, m.image_id, m.round, m.stage, m._file, m._row"
@@ -360,9 +367,14 @@ def export_coco(
     where: str | None = None,
     progress: bool = False,
     keep_images_without_masks: bool = True,
+    approved_only: bool = False,
 ) -> dict[str, int]:
     """Write the store's masks (optionally those matching SQL ``where`` over ``masks m``) as a
     COCO instances file that pycocotools loads, streaming annotations.
+
+    Review applies (``storage.queries.reviewed_masks``): rule ``default`` (a round and stage
+    with verdicts gives its approved masks, one without gives all, a correction stands in for
+    the mask it corrects), or ``approved`` with ``approved_only``.
 
     Every annotation has ``score`` (the predicted IoU; 1.0 for masks without one, such as
     ground truth), so the file also serves as a detection result for ``COCO.loadRes``. Masks
@@ -375,6 +387,8 @@ def export_coco(
     exported mask, listed or not).
     """
     store = store if isinstance(store, Store) else Store(store)
+    rule = "approved" if approved_only else "default"
+    masks = reviewed_masks(rule=rule)
     with Catalog(store) as catalog:
         image_rows = catalog.con.execute(
             "SELECT image_id, uri, width, height FROM images ORDER BY uri, image_id"
@@ -382,13 +396,13 @@ def export_coco(
         with_masks = {
             image_id
             for (image_id,) in catalog.con.execute(
-                "SELECT DISTINCT m.image_id FROM masks m JOIN images i USING (image_id) "
+                f"SELECT DISTINCT m.image_id FROM {masks} m JOIN images i USING (image_id) "
                 + (f"WHERE {where}" if where else "")
             ).fetchall()
         }
         cats = catalog.con.execute(
-            "SELECT DISTINCT category_id, category FROM masks WHERE category_id IS NOT NULL "
-            + (f"AND image_id IN (SELECT image_id FROM masks m WHERE {where}) " if where else "")
+            f"SELECT DISTINCT category_id, category FROM {masks} m WHERE category_id IS NOT NULL "
+            + (f"AND image_id IN (SELECT image_id FROM {masks} m WHERE {where}) " if where else "")
             + "ORDER BY category_id"
         ).fetchall()
         object_id = max([c for c, _ in cats], default=0) + 1
@@ -412,7 +426,10 @@ def export_coco(
             handle.write('{"info": {"description": "maskmill export"}, "licenses": [],\n')
             handle.write(f'"images": {json.dumps(images)},\n"annotations": [\n')
             rows = tqdm(
-                _export_rows(catalog, where), desc="exporting", unit="mask", disable=not progress
+                _export_rows(catalog, where, rule),
+                desc="exporting",
+                unit="mask",
+                disable=not progress,
             )
             for row in rows:
                 category_id = row["category_id"]
@@ -454,9 +471,11 @@ def export_sa1b(
     where: str | None = None,
     progress: bool = False,
     keep_images_without_masks: bool = True,
+    approved_only: bool = False,
 ) -> dict[str, int]:
     """Write one SA-1B JSON file per image into folder ``out`` (any fsspec URL): every image of
     the store, or with ``keep_images_without_masks`` false only those with an exported mask.
+    Review applies as in :func:`export_coco` (``approved_only`` likewise).
 
     Each file is ``{"image": {...}, "annotations": [...]}`` and is named after the image file
     (``sa_1.jpg`` -> ``sa_1.json``; the image id is appended when two images share a name).
@@ -494,7 +513,10 @@ def export_sa1b(
         current: dict[str, Any] | None = None
         anns: list[dict[str, Any]] = []
         rows = tqdm(
-            _export_rows(catalog, where), desc="exporting", unit="mask", disable=not progress
+            _export_rows(catalog, where, "approved" if approved_only else "default"),
+            desc="exporting",
+            unit="mask",
+            disable=not progress,
         )
         for row in rows:
             if current is not None and row["image_id"] != current["image_id"]:

@@ -11,6 +11,17 @@ class WriterConflictError(StorageError):
     """A second writer tried to write a round and stage that another live writer holds."""
 
 
+class ClaimLostError(WriterConflictError):
+    """A writer's claim on an image is no longer its own (it expired and another writer took
+    it, or it was released): the writer must not write that image. The message names the image
+    and its holder now."""
+
+
+class ImageDoneError(WriterConflictError):
+    """An image's masks shard is already committed in this round and stage (by another writer
+    that held its claim): a second commit is refused, so an image is written only once."""
+
+
 class NotAStoreError(StorageError):
     """A store URL names no store a command can use: nothing there, a file, or a folder without
     any of a store's tables (a typo, usually)."""

@@ -24,6 +24,28 @@ from maskmill.storage.store import Store
 # The stages a person or a model annotates: everything but imported ground truth (and ingest).
 ANNOTATION_STAGES = tuple(s for s in STAGES if s != STAGE_GT)
 
+# Masks nobody reviews: the model's own (kept semi pre-fill, the automatic stage) and ground
+# truth. Every other source is a person's (or a simulated person's) work, which review judges.
+UNREVIEWED_SOURCES = ("model", "gt")
+# SQL condition on masks ``m``: a person's mask, which review judges.
+REVIEWABLE = "m.source NOT IN ({})".format(", ".join(f"'{s}'" for s in UNREVIEWED_SOURCES))
+# The verdict that stands for each reviewed mask: its newest one (at the same instant, the
+# reviewer id last in order, so the choice is deterministic).
+LATEST_VERDICTS = (
+    "(SELECT * FROM reviews QUALIFY row_number() OVER "
+    "(PARTITION BY mask_id ORDER BY reviewed_at DESC, reviewer DESC) = 1)"
+)
+_APPROVED = "(v.verdict = 'approved' OR v.correction IS NOT NULL)"
+# Which masks count under each review rule (see reviewed_masks).
+_REVIEW_RULES = {
+    "covering": f"(v.mask_id IS NULL OR {_APPROVED})",
+    "default": (
+        f"(NOT {REVIEWABLE} OR {_APPROVED} OR (v.mask_id IS NULL AND NOT EXISTS "
+        "(SELECT 1 FROM reviews r WHERE r.round = m.round AND r.stage = m.stage)))"
+    ),
+    "approved": f"(m.stage = '{STAGE_GT}' OR {_APPROVED})",
+}
+
 
 @contextmanager
 def _opened(source: Store | str | Catalog) -> Iterator[Catalog]:
@@ -37,6 +59,34 @@ def _opened(source: Store | str | Catalog) -> Iterator[Catalog]:
 
 def _rle(counts: str, height: int, width: int) -> dict[str, Any]:
     return {"size": [int(height), int(width)], "counts": counts}
+
+
+def reviewed_masks(masks: str = "masks", rule: str = "default") -> str:
+    """SQL subquery (to alias ``m``): the rows of ``masks`` (the masks view, or a subquery of
+    its columns) that count under review ``rule``, with a reviewer's correction (its RLE counts,
+    area, box, and the reviewer as ``source``) in place of the mask it corrects.
+
+    Each mask's verdict is its newest (:data:`LATEST_VERDICTS`); a corrected mask counts as
+    approved. Rules:
+
+    - ``covering``: what covers an object (the annotation queue's ``existing`` masks): every
+      mask but a rejected one, so a rejected object is drawn again when its image is next
+      annotated.
+    - ``default`` (training and export): a round and stage without any verdict counts whole, as
+      before review existed; in one with verdicts, a person's mask counts once approved. Masks
+      of :data:`UNREVIEWED_SOURCES` always count.
+    - ``approved``: only approved masks, and ground truth.
+    """
+    if rule not in _REVIEW_RULES:
+        raise ValueError(f"review rule must be one of {sorted(_REVIEW_RULES)}, got {rule!r}")
+    return (
+        "(SELECT m.* REPLACE (coalesce(v.correction, m.segmentation) AS segmentation, "
+        "coalesce(v.correction_area, m.area) AS area, "
+        "coalesce(v.correction_bbox, m.bbox) AS bbox, "
+        "CASE WHEN v.correction IS NULL THEN m.source ELSE v.reviewer END AS source) "
+        f"FROM {masks} m LEFT JOIN {LATEST_VERDICTS} v ON v.mask_id = m.mask_id "
+        f"WHERE {_REVIEW_RULES[rule]})"
+    )
 
 
 def image_infos(source: Store | str | Catalog) -> dict[str, ImageInfo]:
@@ -76,14 +126,17 @@ def existing_masks(
     """RLEs of the masks (ground truth left out) each of ``image_ids`` got in rounds before
     ``before_round``, in one query; every id is a key, ``[]`` when it has none.
 
-    Each image's masks are ordered by round, stage and mask id.
+    Review applies (:func:`reviewed_masks`, rule ``covering``): a rejected mask covers nothing,
+    so its object is drawn again, and a reviewer's correction stands in its place. Each image's
+    masks are ordered by round, stage and mask id.
     """
     out: dict[str, list[dict[str, Any]]] = {image_id: [] for image_id in image_ids}
     if not out:
         return out
     with _opened(source) as catalog:
         rows = catalog.con.execute(
-            "SELECT image_id, segmentation, height, width FROM masks "
+            "SELECT image_id, segmentation, height, width "
+            f"FROM {reviewed_masks(rule='covering')} m "
             "WHERE image_id IN (SELECT unnest(?)) AND round < ? AND stage <> ? "
             "ORDER BY image_id, round, stage, mask_id",
             [list(out), int(before_round), STAGE_GT],
@@ -100,18 +153,21 @@ def training_set(
     exclude: Sequence[str] | None = None,
     min_mask_area: int = 64,
     only: Sequence[str] | None = None,
+    approved_only: bool = False,
 ) -> list[dict[str, Any]]:
     """Images and masks to train on: ``[{"image_id", "uri", "round", "masks": [RLE, ...]}]``,
     by id; ``round`` is the newest round of the image's masks.
 
     Masks of ``stages`` from rounds before ``before_round`` (ground truth is round 0), at least
     ``min_mask_area`` pixels, crowd regions left out; images in ``exclude`` (held out) too, and
-    with ``only`` given, every image not in it. An image's masks are ordered by mask id.
+    with ``only`` given, every image not in it. Review applies (:func:`reviewed_masks`): rule
+    ``default``, or ``approved`` with ``approved_only``. An image's masks are ordered by mask id.
     """
+    masks = reviewed_masks(rule="approved" if approved_only else "default")
     with _opened(source) as catalog:
         rows = catalog.con.execute(
-            "SELECT m.image_id, i.uri, m.round, m.segmentation, m.height, m.width FROM masks m "
-            "JOIN images i USING (image_id) WHERE m.stage IN (SELECT unnest(?)) "
+            "SELECT m.image_id, i.uri, m.round, m.segmentation, m.height, m.width "
+            f"FROM {masks} m JOIN images i USING (image_id) WHERE m.stage IN (SELECT unnest(?)) "
             "AND m.round < ? AND m.area >= ? AND NOT m.iscrowd "
             "AND m.image_id NOT IN (SELECT unnest(?)) "
             "AND (? OR m.image_id IN (SELECT unnest(?))) ORDER BY m.image_id, m.mask_id",
@@ -270,5 +326,59 @@ def learning_curves(source: Store | str | Catalog) -> list[dict[str, Any]]:
         record["produced_miou"] = produced_metrics.get("heldout_miou")
         record["produced_noc90"] = produced_metrics.get("heldout_noc90")
         record["produced_promoted"] = (produced or {}).get("promoted")
+        out.append(record)
+    return out
+
+
+def review_queue(
+    source: Store | str | Catalog, round_: int, stage: str, reviewer: str
+) -> list[str]:
+    """Ids of the images of a round and stage with masks waiting for ``reviewer``, sorted: a
+    person's masks (not of :data:`UNREVIEWED_SOURCES`), not ``reviewer``'s own (``source`` =
+    ``reviewer``), with no verdict from anyone yet."""
+    with _opened(source) as catalog:
+        rows = catalog.con.execute(
+            "SELECT DISTINCT m.image_id FROM masks m "
+            f"WHERE m.round = ? AND m.stage = ? AND {REVIEWABLE} AND m.source <> ? "
+            "AND m.mask_id NOT IN (SELECT mask_id FROM reviews) ORDER BY m.image_id",
+            [int(round_), stage, reviewer],
+        ).fetchall()
+    return [image_id for (image_id,) in rows]
+
+
+def review_masks(
+    source: Store | str | Catalog,
+    image_id: str,
+    round_: int | None = None,
+    stage: str | None = None,
+) -> list[dict[str, Any]]:
+    """The masks of an image (of one round and stage, or all), each with its standing verdict,
+    in stored order (round, stage, shard, row).
+
+    Each: ``mask_id``, ``round``, ``stage``, ``source``, ``segmentation`` (RLE), ``category``,
+    ``predicted_iou``, ``seconds``, ``clicks`` (how many), ``strokes``, ``reviewable`` (a
+    person's mask), and of its newest verdict (None when it has none): ``verdict``,
+    ``reviewer``, ``reason``, ``correction`` (RLE).
+    """
+    with _opened(source) as catalog:
+        if not catalog.store.shards("masks"):  # read_parquet of no file is an error
+            return []
+        columns, rows = catalog.query(
+            "SELECT m.mask_id, m.round, m.stage, m.source, m.segmentation, m.height, m.width, "
+            "m.category, m.predicted_iou, m.seconds, coalesce(len(m.clicks), 0) AS clicks, "
+            f"m.strokes, {REVIEWABLE} AS reviewable, v.verdict, v.reviewer, v.reason, "
+            "v.correction "
+            f"FROM {catalog.scan('masks')} m LEFT JOIN {LATEST_VERDICTS} v USING (mask_id) "
+            "WHERE m.image_id = ? AND (? IS NULL OR m.round = ?) AND (? IS NULL OR m.stage = ?) "
+            "ORDER BY m.round, m.stage, m.filename, m.file_row_number",
+            [image_id, round_, round_, stage, stage],
+        )
+    out = []
+    for row in rows:
+        record = dict(zip(columns, row, strict=True))
+        height, width = record.pop("height"), record.pop("width")
+        record["segmentation"] = _rle(record["segmentation"], height, width)
+        if record["correction"] is not None:
+            record["correction"] = _rle(record["correction"], height, width)
         out.append(record)
     return out

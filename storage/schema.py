@@ -94,12 +94,37 @@ MODELS = pa.schema(
     ]
 )
 
+# Review verdicts (mask verification): a row per mask a reviewer judged. A mask is named by the
+# masks table's ``mask_id`` (deterministic per image, round, stage and index within the image,
+# so unique per stored mask); ``image_id``, ``round`` and ``stage`` repeat the mask's own, so
+# "has this round and stage a verdict" needs no join. ``reviewer`` is the reviewer's annotator
+# id, in the namespace of the masks' ``source`` (``web:<name>``). A rejected mask may carry the
+# reviewer's correction: its RLE counts (the mask's size), area and box, by pycocotools.
+REVIEWS = pa.schema(
+    [
+        pa.field("mask_id", pa.string(), nullable=False),
+        pa.field("image_id", pa.string(), nullable=False),
+        pa.field("round", pa.int32(), nullable=False),
+        pa.field("stage", pa.string(), nullable=False),
+        pa.field("reviewer", pa.string(), nullable=False),
+        pa.field("verdict", pa.string(), nullable=False),  # one of VERDICTS
+        pa.field("reason", pa.string()),
+        pa.field("correction", pa.string()),  # COCO compressed RLE counts, or null
+        pa.field("correction_area", pa.int64()),
+        pa.field("correction_bbox", BOX),
+        pa.field("reviewed_at", TIMESTAMP, nullable=False),
+        pa.field("seconds", pa.float32()),  # the reviewer's working time on this mask
+    ]
+)
+VERDICTS = ("approved", "rejected")
+
 SCHEMAS: dict[str, pa.Schema] = {
     "images": IMAGES,
     "masks": MASKS,
     "rounds": ROUNDS,
     "failures": FAILURES,
     "models": MODELS,
+    "reviews": REVIEWS,
 }
 
 # Tables whose shards live under hive partitions round=R/stage=S.
@@ -107,7 +132,16 @@ PARTITIONED = {"masks"}
 
 # Columns that repeat a lot within a shard; the rest (ids, RLE counts) are unique per row, where
 # a dictionary only costs space.
-DICTIONARY_COLUMNS = ["image_id", "stage", "source", "category", "uri", "error"]
+DICTIONARY_COLUMNS = [
+    "image_id",
+    "stage",
+    "source",
+    "category",
+    "uri",
+    "error",
+    "reviewer",
+    "verdict",
+]
 
 STAGE_GT = "gt"
 STAGES = ("gt", "manual", "semi", "auto")

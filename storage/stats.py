@@ -2,7 +2,9 @@
 
 Every figure comes per round and stage and overall (``GROUPING SETS``), in one scan per
 question: masks per image, relative mask size buckets, predicted-IoU and stability histograms,
-failures, and the rounds table's model metrics.
+failures, and the rounds table's model metrics. Per person (each ``source`` of a person's
+masks): images, masks, seconds, clicks and strokes per mask, and review acceptance; and the
+review verdicts per round and stage.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import json
 from typing import Any
 
 from maskmill.storage.catalog import Catalog
+from maskmill.storage.queries import LATEST_VERDICTS, REVIEWABLE
 
 # Relative mask size as in the SA-1B paper: sqrt(mask area / image area).
 SIZE_EDGES = (0.0, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0)
@@ -121,6 +124,37 @@ def compute_stats(catalog: Catalog) -> dict[str, Any]:
         "SELECT round, stage, model_version, images, masks, metrics FROM rounds "
         "ORDER BY round, stage"
     ).fetchall()
+    # Acceptance: approved / reviewed, over each mask's standing (newest) verdict; a corrected
+    # mask was rejected (the reviewer had to fix it).
+    columns, annotators = catalog.query(
+        f"""SELECT m.source AS annotator, count(DISTINCT m.image_id) AS images, count(*) AS masks,
+                   avg(m.seconds) AS seconds_per_mask,
+                   avg(coalesce(len(m.clicks), 0)) AS clicks_per_mask,
+                   avg(coalesce(m.strokes, 0)) AS strokes_per_mask,
+                   count(v.mask_id) AS reviewed,
+                   count(*) FILTER (WHERE v.verdict = 'approved') AS approved,
+                   count(*) FILTER (WHERE v.verdict = 'approved') / nullif(count(v.mask_id), 0)
+                       AS acceptance_rate
+            FROM masks m LEFT JOIN {LATEST_VERDICTS} v ON v.mask_id = m.mask_id
+            WHERE {REVIEWABLE} GROUP BY m.source ORDER BY m.source"""
+    )
+    review_columns, review_rows = catalog.query(
+        f"""SELECT GROUPING(round) AS overall, round, stage, count(*) AS reviewed,
+                   count(*) FILTER (WHERE verdict = 'approved') AS approved,
+                   count(*) FILTER (WHERE verdict = 'rejected') AS rejected,
+                   count(correction) AS corrected,
+                   count(*) FILTER (WHERE verdict = 'approved') / nullif(count(*), 0)
+                       AS acceptance_rate
+            FROM {LATEST_VERDICTS} v GROUP BY GROUPING SETS ((round, stage), ())
+            ORDER BY overall DESC, round, stage"""
+    )
+    review_groups = [dict(zip(review_columns, row, strict=True)) for row in review_rows]
+    for group in review_groups:
+        del group["overall"]
+    review_total = review_groups.pop(0) if review_groups and review_rows[0][0] else None
+    reviewers, verdicts = con.execute(
+        "SELECT count(DISTINCT reviewer), count(*) FROM reviews"
+    ).fetchone()
 
     return {
         "store": catalog.store.url,
@@ -150,6 +184,17 @@ def compute_stats(catalog: Catalog) -> dict[str, Any]:
             for r, s, v, i, m, metrics in rounds
         ],
         "models": int(con.execute("SELECT count(*) FROM models").fetchone()[0]),
+        "annotators": [dict(zip(columns, row, strict=True)) for row in annotators],
+        "reviews": {
+            "verdicts": int(verdicts),
+            "reviewers": int(reviewers),
+            "masks_reviewed": review_total["reviewed"] if review_total else 0,
+            "approved": review_total["approved"] if review_total else 0,
+            "rejected": review_total["rejected"] if review_total else 0,
+            "corrected": review_total["corrected"] if review_total else 0,
+            "acceptance_rate": review_total["acceptance_rate"] if review_total else None,
+            "groups": review_groups,
+        },
     }
 
 
@@ -216,4 +261,39 @@ def format_stats(stats: dict[str, Any]) -> str:
                 f"{r['images']} images  {r['masks']} masks  {metrics}"
             )
     lines.append(f"models   {stats['models']}")
+    if stats["annotators"]:
+        lines += [
+            "",
+            "annotators (a person's masks, every round and stage; acceptance: approved / reviewed)",
+            f"{'annotator':<20} {'images':>6} {'masks':>6} {'s/mask':>7} {'clicks/mask':>11} "
+            f"{'strokes/mask':>12} {'reviewed':>8} {'accepted':>8}",
+        ]
+        for a in stats["annotators"]:
+            lines.append(
+                f"{a['annotator']:<20} {a['images']:>6} {a['masks']:>6} "
+                f"{_num(a['seconds_per_mask']):>7} {_num(a['clicks_per_mask'], 2):>11} "
+                f"{_num(a['strokes_per_mask'], 2):>12} {a['reviewed']:>8} "
+                f"{_percent(a['acceptance_rate']):>8}"
+            )
+    reviews = stats["reviews"]
+    if reviews["verdicts"]:
+        lines += [
+            "",
+            f"reviews  {reviews['verdicts']} verdicts by {reviews['reviewers']} reviewer(s); "
+            f"per mask, its newest: {_review_line(reviews, 'masks_reviewed')}",
+        ]
+        for g in reviews["groups"]:
+            lines.append(f"  round {g['round']} {g['stage']:<6} {_review_line(g, 'reviewed')}")
     return "\n".join(lines)
+
+
+def _percent(rate: float | None) -> str:
+    return "-" if rate is None else f"{100 * rate:.1f} %"
+
+
+def _review_line(figures: dict[str, Any], reviewed: str) -> str:
+    return (
+        f"{figures[reviewed]} reviewed, {figures['approved']} approved, "
+        f"{figures['rejected']} rejected ({figures['corrected']} corrected), "
+        f"acceptance {_percent(figures['acceptance_rate'])}"
+    )

@@ -7,20 +7,28 @@ Layout (see DESIGN.md, "Storage layout")::
     <store>/rounds/part-r<R>-<stage>.parquet
     <store>/failures/part-r<R>-<stage>-<key>.parquet
     <store>/models/v<N>/model.pt + meta.json
+    <store>/reviews/part-<image_id>-<digest>.parquet  (review verdicts, see storage.reviews)
     <store>/locks/masks-r<R>-<stage>.lock          (writer lease, see storage.lease)
+    <store>/locks/claims/r<R>-<stage>/<image>.json (per-image claims, see storage.claims)
+    <store>/accounts/accounts.json                 (people, token hashes: storage.accounts)
 
 Commit protocol: a shard is written complete under a temporary name next to its final one and
 then renamed (local disks: ``os.replace`` is atomic and replaces an older version), or uploaded
 in one whole-object write (object stores and ``memory://``: a PUT is visible whole or not at
 all). Final names are deterministic, so the same unit of work written twice replaces its shard.
+An exclusive commit (``write_shard(..., exclusive=True)``: a shared writer's image) never
+replaces: a hard link of the temp file fails when the final name exists (local disks), as does a
+create-only write (``open(..., "xb")``, a conditional PUT) on object stores.
 """
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import os
 import re
+import time
 import uuid
 from typing import Any
 
@@ -134,11 +142,13 @@ class Store:
         key: str,
         round_: int | None = None,
         stage: str | None = None,
+        exclusive: bool = False,
     ) -> str:
         """Commit ``data`` as the shard of ``table`` for unit of work ``key``; return its path.
 
         ``data`` is cast to the table's schema (a wrong column is an error here, not later in a
-        query). A shard already there under the same key is replaced whole.
+        query). A shard already there under the same key is replaced whole; with ``exclusive``
+        it is kept and ``FileExistsError`` is raised instead (nothing of this write remains).
         """
         schema = SCHEMAS[table]
         try:
@@ -162,7 +172,7 @@ class Store:
                     pq.write_table(data, handle, **options)
                     handle.flush()
                     os.fsync(handle.fileno())
-                _move(tmp, final)
+                (_link if exclusive else _move)(tmp, final)
             except BaseException:
                 if os.path.exists(tmp):
                     os.remove(tmp)
@@ -171,8 +181,11 @@ class Store:
         else:
             buffer = io.BytesIO()
             pq.write_table(data, buffer, **options)
-            self.fs.makedirs(self.fs._parent(final), exist_ok=True)
-            self.fs.pipe_file(final, buffer.getvalue())
+            if exclusive:
+                self.create_exclusive(final, buffer.getvalue())
+            else:
+                self.fs.makedirs(self.fs._parent(final), exist_ok=True)
+                self.fs.pipe_file(final, buffer.getvalue())
         return final
 
     def remove_temp_files(
@@ -181,12 +194,22 @@ class Store:
         round_: int | None = None,
         stage: str | None = None,
         key_prefix: str = "",
+        older_than_s: float | None = None,
     ) -> None:
         """Delete temp files a killed writer left in a table folder (they are never read):
-        those of shard keys starting with ``key_prefix`` (all by default)."""
+        those of shard keys starting with ``key_prefix`` (all by default); with
+        ``older_than_s``, only those last written at least that many seconds ago (a live
+        writer's temp file is younger: it is renamed within its commit)."""
         folder = self.table_dir(table, round_, stage)
         for path in self.fs.glob(f"{folder}/.part-{key_prefix}*{_TMP_SUFFIX}"):
-            self.fs.rm(path)
+            try:
+                if (
+                    older_than_s is None
+                    or time.time() - self.fs.modified(path).timestamp() >= older_than_s
+                ):
+                    self.fs.rm(path)
+            except FileNotFoundError:  # committed or removed by its writer meanwhile
+                pass
 
     def read_table(self, table: str) -> pa.Table:
         """Every committed shard of a table as one Arrow table (small tables; else use DuckDB)."""
@@ -209,6 +232,39 @@ class Store:
         else:
             self.fs.makedirs(self.fs._parent(path), exist_ok=True)
             self.fs.pipe_file(path, data)
+
+    def create_exclusive(self, path: str, data: bytes) -> None:
+        """Write a small object at ``path`` only if nothing is there, else FileExistsError.
+
+        Local disks: a hard link to a complete temp file (as an exclusive shard commit), so a
+        reader never sees the object half-written (an ``O_EXCL`` create would show it empty
+        first, and a lock read empty looks stale). Elsewhere ``open(..., "xb")``: a conditional
+        PUT on object stores whose fsspec package supports it. A filesystem without exclusive
+        create is checked, then written: a narrow race remains there, which leases and claims
+        narrow further by reading back what they wrote.
+        """
+        if self.local:
+            folder, name = path.rsplit("/", 1)
+            os.makedirs(folder, exist_ok=True)
+            tmp = f"{folder}/.{name}.{uuid.uuid4().hex}{_TMP_SUFFIX}"
+            try:
+                with open(tmp, "wb") as handle:
+                    handle.write(data)
+                _link(tmp, path)
+            finally:
+                if os.path.exists(tmp):
+                    os.remove(tmp)
+            return
+        self.fs.makedirs(self.fs._parent(path), exist_ok=True)
+        try:
+            with self.fs.open(path, "xb") as handle:
+                handle.write(data)
+            return
+        except (NotImplementedError, ValueError):
+            pass  # this fsspec filesystem has no exclusive create
+        if self.fs.exists(path):
+            raise FileExistsError(path)
+        self.fs.pipe_file(path, data)
 
     def write_model(self, version: int, model_bytes: bytes, meta: dict[str, Any]) -> str:
         """Store checkpoint ``models/v<version>/model.pt`` and its ``meta.json``; return the URL.
@@ -247,6 +303,26 @@ def check_key(key: str, what: str) -> str:
 def _move(tmp: str, final: str) -> None:
     """The commit point of a local shard: atomic rename over any older version."""
     os.replace(tmp, final)
+
+
+def _link(tmp: str, final: str) -> None:
+    """The commit point of an exclusive local shard: a hard link to the complete temp file
+    appears atomically and fails with FileExistsError when ``final`` exists (a rename would
+    replace it); then the temp name goes."""
+    try:
+        os.link(tmp, final)
+    except FileExistsError:
+        raise
+    except OSError as error:
+        if error.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS):
+            raise
+        # No hard links on this filesystem (some network and FUSE mounts): check, then rename.
+        # The writer holds the image's claim, so only a writer whose claim expired can race.
+        if os.path.exists(final):
+            raise FileExistsError(final) from None
+        os.replace(tmp, final)
+        return
+    os.remove(tmp)
 
 
 def _fsync_dir(folder: str) -> None:

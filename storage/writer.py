@@ -1,10 +1,13 @@
 """Writing masks, failures, images rows and round summaries of one round and stage, under a writer
-lease."""
+lease, or (``shared``) under per-image claims."""
 
 from __future__ import annotations
 
 import datetime as dt
 import json
+import os
+import socket
+import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -12,6 +15,8 @@ import numpy as np
 import pyarrow as pa
 
 from maskmill.storage import rle
+from maskmill.storage.claims import CLAIM_TTL_S, ImageClaims
+from maskmill.storage.errors import ImageDoneError
 from maskmill.storage.images import ImageInfo, images_table
 from maskmill.storage.lease import DEFAULT_TTL_S, StageLease
 from maskmill.storage.queries import stage_figures
@@ -101,7 +106,8 @@ def _clicks(clicks: Any) -> list[dict[str, Any]] | None:
 
 
 class StageWriter:
-    """Writes one round and stage of a store, holding its writer lease while open.
+    """Writes one round and stage of a store, holding its writer lease while open (shared:
+    per-image claims instead, see below).
 
     ::
 
@@ -113,6 +119,19 @@ class StageWriter:
 
     A second ``StageWriter`` of the same round and stage, in any process, is refused with
     :class:`~storage.errors.WriterConflictError` while this one is open.
+
+    ``shared=True``: many writers of the round and stage at once (people, ``maskmill serve``
+    processes, stage runs, on any hosts sharing the store), coordinated per image rather than
+    by the round-wide lease (none is taken). ``writer.claims`` (:class:`~storage.claims.
+    ImageClaims`, of ``owner``, ``ttl_s`` default ``CLAIM_TTL_S``) hands out images; the unit
+    of work is one image, its shard keyed by the image id, committed only under this owner's
+    claim and only once; whoever completes the round writes its row
+    (:meth:`finish_if_complete`)::
+
+        with StageWriter(store, 3, "manual", owner="web:ana", shared=True) as w:
+            while (image_id := w.claims.claim_next(image_ids)) is not None:
+                w.write_masks(image_id, annotate(image_id))   # commits, releases the claim
+            w.finish_if_complete(image_ids, model_version=3)  # None while others work
     """
 
     def __init__(
@@ -121,19 +140,35 @@ class StageWriter:
         round_: int,
         stage: str,
         owner: str | None = None,
-        ttl_s: float = DEFAULT_TTL_S,
+        ttl_s: float | None = None,
+        shared: bool = False,
     ) -> None:
         self.store = store if isinstance(store, Store) else Store(store)
         self.round = int(round_)
         self.stage = check_key(stage, "stage")
         # Shard key of the stage's rounds row; its failures shards' keys start with it too.
         self.key = f"r{self.round}-{self.stage}"
-        self.lease = StageLease(self.store, self.round, self.stage, owner, ttl_s)
+        self.shared = shared
+        self.lease: StageLease | None = None
+        self.claims: ImageClaims | None = None
+        self._kept: set[str] = set()  # images committed with keep_claim, claims still held
+        if shared:
+            # Claims belong to an owner name: two writers of one process (threads) need two.
+            owner = owner or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+            ttl = CLAIM_TTL_S if ttl_s is None else ttl_s
+            self.claims = ImageClaims(self.store, self.round, self.stage, owner, ttl)
+        else:
+            ttl = DEFAULT_TTL_S if ttl_s is None else ttl_s
+            self.lease = StageLease(self.store, self.round, self.stage, owner, ttl)
         self.started_at: dt.datetime | None = None
 
     def __enter__(self) -> StageWriter:
-        self.lease.acquire()
         self.started_at = utc_now()
+        if self.lease is None:
+            # Shared: other writers' temp files may be live; a claim's taker removes a dead
+            # holder's (ImageClaims.claim).
+            return self
+        self.lease.acquire()
         # Temp files of a killed writer of this stage are garbage: nobody else writes its
         # masks folder, its failures shards or its rounds row.
         if self.store.fs.exists(self.store.table_dir("masks", self.round, self.stage)):
@@ -143,27 +178,79 @@ class StageWriter:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.lease.release()
+        if self.lease is not None:
+            self.lease.release()
+        if self.claims is not None:
+            self.claims.release_all()
+
+    def _check(self) -> None:
+        """Renew the round-wide lease, or raise WriterConflictError if it is lost (shared
+        writers hold none: their images' claims are checked where they write)."""
+        if self.lease is not None:
+            self.lease.check()
 
     def done(self, key: str) -> bool:
         """True when the shard of unit of work ``key`` is committed (a resumed run skips it)."""
         return self.store.has_shard("masks", key, self.round, self.stage)
 
+    def pending(self, image_ids: Iterable[str]) -> list[str]:
+        """The ids of ``image_ids`` neither done (:meth:`done`: a shard keyed by the id) nor
+        failed (a failures row of this round and stage), in their order."""
+        done = set(self.store.shard_keys("masks", self.round, self.stage))
+        failed = set(self.store.shard_keys("failures"))
+        return [
+            image_id
+            for image_id in image_ids
+            if image_id not in done and f"{self.key}-{image_id}" not in failed
+        ]
+
     def write_masks(
-        self, key: str, records: Sequence[Mapping[str, Any]] | pa.Table, **defaults: Any
+        self,
+        key: str,
+        records: Sequence[Mapping[str, Any]] | pa.Table,
+        keep_claim: bool = False,
+        **defaults: Any,
     ) -> str:
         """Commit the masks of unit of work ``key`` (replacing an earlier shard of that key).
 
         ``records``: mask records (see :func:`masks_table`; ``defaults`` are its ``source``,
         ``model_version`` and ``created_at``) or an Arrow table already in the ``MASKS`` schema.
+
+        Shared: ``key`` is an image id this owner holds the claim of (else
+        :class:`~storage.errors.ClaimLostError`); the shard is created, never replaced by
+        another writer (their commit raises :class:`~storage.errors.ImageDoneError`), then the
+        claim is released. With ``keep_claim`` the claim stays held and a later commit of the
+        same image by this writer replaces the shard: a person's work is stored at every step
+        (nothing is lost when they walk away), and the image counts as done from the first
+        commit, so nobody else is handed it.
         """
         table = (
             records
             if isinstance(records, pa.Table)
             else masks_table(records, self.round, self.stage, **defaults)
         )
-        self.lease.check()
-        return self.store.write_shard("masks", table, key, self.round, self.stage)
+        if self.claims is None:
+            self._check()
+            return self.store.write_shard("masks", table, key, self.round, self.stage)
+        self.claims.renew(key)  # ours, and fresh for the commit
+        try:
+            # Only this writer's own earlier commit (keep_claim) may be replaced.
+            path = self.store.write_shard(
+                "masks", table, key, self.round, self.stage, exclusive=key not in self._kept
+            )
+        except FileExistsError:
+            shard = self.store.url_of(self.store.shard_path("masks", key, self.round, self.stage))
+            raise ImageDoneError(
+                f"image {key!r} of round {self.round} stage {self.stage!r} of {self.store.url} "
+                f"is done already: another writer committed its masks ({shard}); not writing "
+                "it again"
+            ) from None
+        if keep_claim:
+            self._kept.add(key)
+        else:
+            self._kept.discard(key)
+            self.claims.release(key)
+        return path
 
     def write_images(
         self, key: str, infos: Iterable[ImageInfo], added_at: dt.datetime | None = None
@@ -172,11 +259,14 @@ class StageWriter:
         shard of unit of work ``key`` (replacing an earlier shard of that key): the one way
         imports and ingest add images."""
         table = images_table(infos, added_at or utc_now())
-        self.lease.check()
+        self._check()
         return self.store.write_shard("images", table, key)
 
     def write_failures(self, key: str, failures: Iterable[Mapping[str, Any]]) -> str:
-        """Commit failures (dicts with ``image_id`` and/or ``uri``, ``error``, optional ``at``)."""
+        """Commit failures (dicts with ``image_id`` and/or ``uri``, ``error``, optional ``at``).
+
+        Shared: ``key`` is the image id, and this owner's claim on it (if held) is released:
+        the work on the image has ended (a later run may try it again)."""
         now = utc_now()
         rows = [
             {
@@ -189,9 +279,12 @@ class StageWriter:
             }
             for f in failures
         ]
-        self.lease.check()
+        self._check()
         name = f"{self.key}-{check_key(key, 'failure key')}"
-        return self.store.write_shard("failures", pa.Table.from_pylist(rows, FAILURES), name)
+        path = self.store.write_shard("failures", pa.Table.from_pylist(rows, FAILURES), name)
+        if self.claims is not None:
+            self.claims.release(key)
+        return path
 
     def finish(
         self, model_version: int | None = None, metrics: Mapping[str, float] | None = None
@@ -209,6 +302,20 @@ class StageWriter:
             "masks": figures["masks"],
             "metrics": json.dumps(dict(metrics)) if metrics else None,
         }
-        self.lease.check()
+        self._check()
         self.store.write_shard("rounds", pa.Table.from_pylist([row], ROUNDS), self.key)
         return row
+
+    def finish_if_complete(
+        self,
+        image_ids: Iterable[str],
+        model_version: int | None = None,
+        metrics: Mapping[str, float] | None = None,
+    ) -> dict[str, Any] | None:
+        """Write the rounds row (:meth:`finish`) when none of ``image_ids`` is
+        :meth:`pending` (each is done or failed) and return it; else None. Shared writers call
+        it when they run out of images, so whichever completes the round writes its row; a later
+        call writes it again, counting what is stored then, as :meth:`finish` does."""
+        if self.pending(image_ids):
+            return None
+        return self.finish(model_version, metrics)

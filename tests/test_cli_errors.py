@@ -62,7 +62,9 @@ def test_reading_commands_refuse_a_path_with_no_store(tmp_path, command, kind):
     reason = {
         "missing": "no store there (the path does not exist)",
         "file": "is a file, not a store folder",
-        "folder": "not a store (it has none of images/, masks/, rounds/, failures/, models/)",
+        "folder": (
+            "not a store (it has none of images/, masks/, rounds/, failures/, models/, reviews/)"
+        ),
     }[kind]
     assert result.returncode == 2
     assert result.stderr == f"maskmill {command[0]}: {path}: {reason}\n"

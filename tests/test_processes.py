@@ -160,33 +160,33 @@ def _answers(url: str) -> bool:
         return False
 
 
-def test_serve_stopped_by_sigterm_gives_its_lease_back(tmp_path):
+def test_serve_stopped_by_sigterm_gives_its_claim_back(tmp_path):
     scenes = tmp_path / "scenes"
     annotations = write_coco(scenes, 2, seed=11, height=120, width=160, parts=False)
     store = make_store(tmp_path / "store", (str(scenes / "images"), str(annotations)))
     checkpoint = tmp_path / "tiny.pt"
     save_checkpoint(build_model("tiny", seed=0), str(checkpoint))
-    lease = tmp_path / "store" / "locks" / "masks-r1-manual.lock"
+    claims = tmp_path / "store" / "locks" / "claims" / "r1-manual"
     port = _free_port()
     command = [*MASKMILL, "serve", "--store", store.url, "--checkpoint", str(checkpoint)]
     with _Started([*command, "--port", str(port)], cwd=tmp_path) as serve:
         url = f"http://127.0.0.1:{port}/api/next"
         _wait_for(lambda: _answers(url), 300, "answer on /api/next", serve)
-        assert lease.exists()  # held while it serves
+        assert len(list(claims.glob("*.json"))) == 1  # the open image's, held while it serves
 
         serve.process.send_signal(signal.SIGTERM)
         serve.process.wait(timeout=30)  # uvicorn's graceful shutdown, then out
         assert serve.process.returncode == 128 + signal.SIGTERM, serve.err()
         assert serve.last_line() == "maskmill serve: stopped by SIGTERM"
-        assert not lease.exists()
+        assert list(claims.glob("*.json")) == []  # nothing accepted: back to the queue
 
 
-def test_run_stopped_by_sigterm_gives_its_lease_back_and_stops_prefect(tmp_path):
-    lease = tmp_path / "store" / "locks" / "masks-r1-manual.lock"
+def test_run_stopped_by_sigterm_gives_its_claims_back_and_stops_prefect(tmp_path):
+    claims = tmp_path / "store" / "locks" / "claims" / "r1-manual"
     command = [*MASKMILL, *SMALL_RUN, "--store", str(tmp_path / "store")]
     with _Started(command, cwd=tmp_path, env=_environment(tmp_path)) as run:
-        # SIGTERM while the stage holds its writer lease
-        _wait_for(lease.exists, 600, "stage lease", run)
+        # SIGTERM while the stage holds the claim of the image it annotates
+        _wait_for(lambda: any(claims.glob("*.json")), 600, "image claim", run)
         pids = run.record()
         assert any(PREFECT_SERVER in _cmdline(p) for p in pids)  # the temporary server
 
@@ -194,7 +194,7 @@ def test_run_stopped_by_sigterm_gives_its_lease_back_and_stops_prefect(tmp_path)
         run.process.wait(timeout=120)  # Prefect reports the runs crashed first
         assert run.process.returncode == 128 + signal.SIGTERM, run.err()
         assert run.last_line() == "maskmill run: stopped by SIGTERM"
-        assert not lease.exists()
+        assert list(claims.glob("*.json")) == []
         assert _left_alive(pids, within=5) == []
 
 

@@ -48,7 +48,7 @@ from maskmill.engine.web.session import (
 )
 from maskmill.flows.cli import build_parser, main
 from maskmill.model import build_model, has_default, save_checkpoint
-from maskmill.storage import Catalog, Store, WriterConflictError, import_coco, rle
+from maskmill.storage import Catalog, Store, import_coco, rle
 from maskmill.storage.queries import categories, ground_truth
 
 REPO = Path(__file__).resolve().parents[1]
@@ -242,6 +242,9 @@ def test_predict_accept_writes_a_shard_duckdb_reads(client, session, store):
     state = post(client, f"/api/images/{image_id}/accept", {"mask": 0}).json()
     assert len(state["masks"]) == 1 and state["masks"][0]["source"] == "web:tester"
     assert state["image"]["image_id"] == image_id  # still on the image until "next"
+    # Every accept is stored at once (the person keeps the image's claim until "next").
+    assert [r["image_id"] for r in stored_masks(store)] == [image_id]
+    post(client, f"/api/images/{image_id}/next")
 
     (row,) = stored_masks(store)
     assert row["image_id"] == image_id and row["source"] == "web:tester"
@@ -257,6 +260,7 @@ def test_box_prompt_is_stored_as_corner_clicks(client, store):
     predicted = post(client, f"/api/images/{image_id}/predict", {"box": [10, 12, 90, 80]}).json()
     assert len(predicted["masks"]) == 1  # a box is not ambiguous
     post(client, f"/api/images/{image_id}/accept", {})
+    post(client, f"/api/images/{image_id}/next")
     (row,) = stored_masks(store)
     assert row["clicks"] == [{"x": 10, "y": 12, "label": 2}, {"x": 90, "y": 80, "label": 3}]
 
@@ -268,13 +272,13 @@ def test_undo_delete_next_and_round_row(client, session, store):
     for _ in range(2):
         post(client, f"/api/images/{image_id}/predict", {"points": [[x, y, 1]]})
         post(client, f"/api/images/{image_id}/accept", {})
-    assert len(stored_masks(store)) == 2
+    assert len(stored_masks(store)) == 2  # each accept, delete and undo rewrites the shard
     state = post(client, f"/api/images/{image_id}/delete", {"index": 0}).json()
     assert len(state["masks"]) == 1 and len(stored_masks(store)) == 1
     state = post(client, f"/api/images/{image_id}/undo").json()  # the delete comes back
     assert len(state["masks"]) == 2 and len(stored_masks(store)) == 2
-    post(client, f"/api/images/{image_id}/undo")  # the second accept goes
-    assert len(stored_masks(store)) == 1
+    state = post(client, f"/api/images/{image_id}/undo").json()  # the second accept goes
+    assert len(state["masks"]) == 1 and len(stored_masks(store)) == 1
     # An object drawn and left is abandoned, not stored.
     post(client, f"/api/images/{image_id}/predict", {"points": [[x, y, 1]]})
     state = post(client, f"/api/images/{image_id}/next").json()
@@ -392,6 +396,7 @@ def test_brush_and_eraser_change_exactly_their_pixels(timed, store, clock):
     clock.now = 10.5
     state = post(client, f"{url}/accept", {"mask": 1, "category": " apple "}).json()
     assert state["object"] is None and state["masks"][0]["strokes"] == 2
+    post(client, f"{url}/next")
     (row,) = stored_masks(store)
     expected = (model_masks[1] | brushed) & ~erased_pixels
     assert np.array_equal(stored_mask(row), expected)
@@ -450,9 +455,6 @@ def test_seconds_are_working_time_with_idle_gaps_capped(timed, store, clock):
     post(client, f"{url}/predict", {"points": [[x, y, 1]]})
     clock.now = 154.0  # one click, then away for 150 s: counts as the cap
     post(client, f"{url}/accept")
-    (row,) = stored_masks(store)
-    assert row["seconds"] == pytest.approx(4 + IDLE_CAP_S)
-    assert (row["strokes"], row["stroke_seconds"], row["model_iou"]) == (0, 0.0, 1.0)
     # An object dropped: its time is abandoned time.
     clock.now = 1000.0
     post(client, f"{url}/predict", {"points": [[x, y, 1]]})
@@ -468,6 +470,10 @@ def test_seconds_are_working_time_with_idle_gaps_capped(timed, store, clock):
     clock.now = 1005.0
     state = post(client, f"{url}/accept").json()
     assert len(state["masks"]) == 2
+    post(client, f"{url}/next")
+    (row,) = [r for r in stored_masks(store) if r["clicks"] != []]
+    assert row["seconds"] == pytest.approx(4 + IDLE_CAP_S)
+    assert (row["strokes"], row["stroke_seconds"], row["model_iou"]) == (0, 0.0, 1.0)
     (row,) = [r for r in stored_masks(store) if r["clicks"] == []]
     assert np.array_equal(stored_mask(row), rasterised((120, 160), square, 2))
     assert row["predicted_iou"] is None and row["model_iou"] is None
@@ -486,6 +492,7 @@ def test_categories_come_from_the_store_and_from_what_was_typed(store, model, ti
         post(client, f"{url}/predict", {"points": [[30, 30, 1]]})
         state = post(client, f"{url}/accept", {"category": category}).json()
     assert [m["category"] for m in state["masks"]] == ["object", "nut", None]
+    post(client, f"{url}/next")
     stored = {(r["category"], r["category_id"]) for r in stored_masks(store)}
     assert stored == {("object", 1), ("nut", 2), (None, None)}
     assert categories(store) == {"nut": 2, "object": 1}
@@ -529,13 +536,6 @@ def test_editing_a_prefilled_mask_stores_a_corrected_mask(store, model, clock):
         assert corrected.sum() < original.sum()
         assert [m["source"] for m in state["masks"]][-1] == "web:web"
         assert session.annotator.work(image_id).prefill_corrected == 1
-        rows = stored_masks(store, 2, "semi")
-        (web,) = [r for r in rows if r["source"] == "web:web"]
-        assert np.array_equal(stored_mask(web), corrected)
-        assert web["clicks"] == [] and web["strokes"] == 1 and web["category"] == "nut"
-        assert web["model_iou"] == pytest.approx(iou(original, corrected), abs=1e-6)
-        assert web["seconds"] == pytest.approx(4.0) and web["stroke_seconds"] == pytest.approx(2)
-        assert len(rows) == len(prefill)
 
         post(client, f"{url}/undo")  # the accept
         state = post(client, f"{url}/undo").json()  # the edit: the pre-filled mask is back
@@ -545,7 +545,23 @@ def test_editing_a_prefilled_mask_stores_a_corrected_mask(store, model, clock):
         assert session.annotator.work(image_id).prefill_deleted == 1
         post(client, f"{url}/undo")
         assert session.annotator.work(image_id).prefill_deleted == 0
-        assert {r["source"] for r in stored_masks(store, 2, "semi")} == {"model"}
+
+        # Corrected again (the same times), and the image finished: its shard has the
+        # corrected mask in place of the pre-filled one.
+        clock.now = 5.0
+        post(client, f"{url}/edit", {"index": 0})
+        clock.now = 7.0
+        post(client, f"{url}/stroke", {"mode": "eraser", "radius": 2, "points": eraser})
+        clock.now = 8.0
+        post(client, f"{url}/accept", {"category": "nut"})
+        post(client, f"{url}/next")
+        rows = stored_masks(store, 2, "semi")
+        (web,) = [r for r in rows if r["source"] == "web:web"]
+        assert np.array_equal(stored_mask(web), corrected)
+        assert web["clicks"] == [] and web["strokes"] == 1 and web["category"] == "nut"
+        assert web["model_iou"] == pytest.approx(iou(original, corrected), abs=1e-6)
+        assert web["seconds"] == pytest.approx(4.0) and web["stroke_seconds"] == pytest.approx(2)
+        assert len(rows) == len(prefill)
 
 
 def test_editing_a_persons_mask_keeps_its_place_clicks_and_time(timed, store, clock):
@@ -564,8 +580,7 @@ def test_editing_a_persons_mask_keeps_its_place_clicks_and_time(timed, store, cl
         clock.now += 1.0
         state = post(client, f"{url}/accept", {"mask": 0, "category": "nut"}).json()
     first = rle.decode(state["masks"][0]["mask"])
-    (row,) = [r for r in stored_masks(store) if r["clicks"][0]["x"] == x]
-    assert row["seconds"] == pytest.approx(3.0)
+    assert state["masks"][0]["seconds"] == pytest.approx(3.0)
     clock.now += 1.0
     state = post(client, f"{url}/edit", {"index": 0}).json()
     assert state["object"]["editing"] == "web" and state["object"]["clicks"] == [[x, y, 1]]
@@ -577,19 +592,19 @@ def test_editing_a_persons_mask_keeps_its_place_clicks_and_time(timed, store, cl
     state = post(client, f"{url}/accept").json()  # no category given: the mask keeps its own
     edited = first & ~rasterised(first.shape, erased, 1)
     assert np.array_equal(rle.decode(state["masks"][0]["mask"]), edited)  # in its place
-    (row,) = [r for r in stored_masks(store) if r["clicks"][0]["x"] == x]
-    assert row["strokes"] == 2 and row["seconds"] == pytest.approx(3.0 + 4.0)
-    assert row["stroke_seconds"] == pytest.approx(1.0 + 2.0) and row["category"] == "nut"
-    assert row["clicks"] == [{"x": x, "y": y, "label": 1}]
-    # model_iou still compares with the model's mask, before both edits' strokes.
-    assert row["model_iou"] == pytest.approx(iou(model_masks[0], edited), abs=1e-6)
-    # "Next image" while a mask is edited puts it back unchanged before the shard is final.
+    # "Next image" while a mask is edited puts it back unchanged before the shard is written.
     post(client, f"{url}/edit", {"index": 1})
     post(client, f"{url}/stroke", {"mode": "eraser", "radius": 50, "points": [[80, 60]]})
     second = state["masks"][1]["mask"]
     post(client, f"{url}/next")
     rows = stored_masks(store)
     assert len(rows) == 2 and second["counts"] in {r["segmentation"] for r in rows}
+    (row,) = [r for r in rows if r["clicks"][0]["x"] == x]
+    assert row["strokes"] == 2 and row["seconds"] == pytest.approx(3.0 + 4.0)
+    assert row["stroke_seconds"] == pytest.approx(1.0 + 2.0) and row["category"] == "nut"
+    assert row["clicks"] == [{"x": x, "y": y, "label": 1}]
+    # model_iou still compares with the model's mask, before both edits' strokes.
+    assert row["model_iou"] == pytest.approx(iou(model_masks[0], edited), abs=1e-6)
     assert session.annotator.work(ids[0]).abandoned == 0
 
 
@@ -707,12 +722,19 @@ def test_serve_does_not_import_ray(tmp_path):
     assert result.stdout.strip() == "[]"
 
 
-def test_second_writer_is_refused_until_the_first_closes(store, model, session):
-    with pytest.raises(WriterConflictError), AnnotationSession(store, 1, "manual", model):
-        pass
-    session.close()
+def test_a_second_session_on_the_round_gets_another_image(store, model, session):
+    """Two servers on one round and stage (a round-wide lease refused the second before): each
+    person's image is claimed, so the second gets the next one."""
+    first = session.state()["image"]["image_id"]
+    with AnnotationSession(store, 1, "manual", model, None, WebAnnotator("other")) as other:
+        second = other.state()["image"]["image_id"]
+        assert second == sorted(session.images)[1]
+        other.next_image(second)  # finished with no masks: done
+    session.close()  # nothing accepted on the first image: it goes back to the queue
     with AnnotationSession(store, 1, "manual", model) as again:
-        assert again.writer.lease.held
+        assert again.state()["image"]["image_id"] == first
+        again.next_image(first)
+        assert again.state()["image"]["image_id"] == sorted(session.images)[2]
 
 
 def test_default_round_and_model(store, tmp_path, model):

@@ -1,12 +1,22 @@
-"""The annotation page's session: a person annotates a round of a store through a browser.
+"""The annotation page's session: people annotate a round of a store through a browser.
 
 :class:`AnnotationSession` holds what one ``maskmill serve`` process works on: one round and
-stage (``manual`` or ``semi``) of a store, the model, the writer lease and the image being
-annotated. The web app (:mod:`engine.web.app`) is a thin layer of HTTP over its methods.
+stage (``manual`` or ``semi``) of a store, the model, and one workspace per person (their own
+predictor and open image, claim, undo history and working-time clock), keyed by the person's
+account name (:func:`engine.web.app.current_user`; ``user=None``: the session's own annotator,
+the one person of a server without accounts). The web app (:mod:`engine.web.app`) is a thin
+layer of HTTP over its methods.
 
-- Images are the store's (``storage.queries.image_infos``); the next image is the first, by id, with
-  no committed shard in this round and stage (``StageWriter.done``). An image is done once its
-  shard exists: after its first accepted mask or after "next image".
+- Images are the store's (``storage.queries.image_infos``). Many people, on this server and on
+  others sharing the store, annotate one round and stage at once through per-image claims
+  (:class:`~storage.claims.ImageClaims`, through a ``StageWriter(shared=True)`` per person):
+  a person's next image is the first, by id, with no committed shard in this round and stage
+  that nobody else holds. Each of the person's requests renews their claim (the page also
+  sends a heartbeat while open); a claim nobody renews for ``claim_ttl_s`` expires and the
+  image goes back to the queue, and its former holder's next request is refused (409, the
+  image's work dropped). An image is written once, whole, when its person finishes it ("next
+  image": its shard, also with no masks) and is done from then on. The round's row goes to the
+  rounds table when its last image is done, written by whichever person finds none left.
 - The image embedding is computed once, when an image is opened; every click only runs the
   prompt encoder and mask decoder.
 - Semi stage: the mask generator (``engine.stages.stage_generator``, at the model's own ``semi``
@@ -17,8 +27,8 @@ annotated. The web app (:mod:`engine.web.app`) is a thin layer of HTTP over its 
   (:class:`WebAnnotator`), and the image's shard is written through
   :class:`~storage.StageWriter` with records shaped like the stages' (``segmentation`` as COCO
   RLE, ``clicks`` ``[[x, y, label], ...]``, ``seconds``, ``predicted_iou``, ``source``
-  ``web:<name>``). Each accept, undo or delete rewrites the image's shard whole (shard names are
-  deterministic, so a rewrite replaces it).
+  ``web:<name>``). Accepts, undos and deletes change the person's annotation of the image;
+  the shard is written when the image is finished.
 - Clicks: label 1 foreground, 0 background, in pixels of the stored image; a box prompt is
   stored as its two corners with labels 2 (top-left) and 3 (bottom-right), the labels SAM's
   prompt encoder gives box corners.
@@ -51,11 +61,13 @@ annotated. The web app (:mod:`engine.web.app`) is a thin layer of HTTP over its 
   with Esc or "next image" adds its time to the image's ``abandoned_seconds``. The clock is
   injectable (``AnnotationSession(clock=...)``) so tests need no sleeping.
 
-Every method is serialised by one lock: the predictor has one current image.
+A person's requests are serialised by their workspace's lock (their predictor has one current
+image); different people's run side by side.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import io
 import math
@@ -76,8 +88,16 @@ from PIL import Image
 from maskmill.engine.annotators import AnnotatedMask, Annotation, Annotator, Click
 from maskmill.engine.plan import model_for_round
 from maskmill.engine.stages import read_stored_image, stage_generator, stage_metrics
+from maskmill.engine.web.lane import CLICK, EMBED, ComputeLane
 from maskmill.model import Predictor, Sam, load_model
-from maskmill.storage import StageWriter, Store, rle
+from maskmill.storage import (
+    CLAIM_TTL_S,
+    ClaimLostError,
+    ImageDoneError,
+    StageWriter,
+    Store,
+    rle,
+)
 from maskmill.storage.images import BadImageError, ImageInfo, load_stored_image
 from maskmill.storage.queries import categories, existing_masks, image_infos, stage_progress
 
@@ -105,6 +125,11 @@ class SessionError(Exception):
         self.message = message
 
 
+class ImageLostError(SessionError):
+    """The person's image is someone else's now (their claim expired and it went back to the
+    queue): its work is dropped, and the page asks for its state again."""
+
+
 class WebAnnotator(Annotator):
     """The person behind the annotation page, as an :class:`~engine.annotators.Annotator`.
 
@@ -123,6 +148,10 @@ class WebAnnotator(Annotator):
     def work(self, image_id: str) -> Annotation:
         """The annotation in progress on ``image_id`` (created empty), for the page to edit."""
         return self._annotations.setdefault(image_id, Annotation())
+
+    def drop(self, image_id: str) -> None:
+        """Forget the work on ``image_id`` (the person lost the image to someone else)."""
+        self._annotations.pop(image_id, None)
 
     def annotate(
         self,
@@ -269,12 +298,26 @@ class _OpenImage:
     history: list[tuple[str, Any]] = field(default_factory=list)  # edits, for undo
 
 
-class AnnotationSession:
-    """One round and stage of a store, annotated by a person through the web page.
+@dataclass
+class _Workspace:
+    """One person's work in the session: their own predictor (its image embedding), writer (its
+    claims are theirs), open image with its undo history and working-time clock, and lock."""
 
-    Use as a context manager: entering takes the writer lease of the round and stage (a second
-    writer, e.g. another ``maskmill serve`` or a running stage, is refused with
-    ``storage.WriterConflictError``) and leaving gives it back.
+    annotator: WebAnnotator
+    predictor: Predictor
+    writer: StageWriter
+    open: _OpenImage | None = None
+    lock: threading.RLock = field(default_factory=threading.RLock)
+
+
+class AnnotationSession:
+    """One round and stage of a store, annotated by people through the web page.
+
+    Use as a context manager: entering reads the store's images and categories; leaving gives
+    back the claims its people hold (their unfinished images go back to the queue). Other
+    sessions (other ``maskmill serve`` processes, on any host sharing the store) and stage runs
+    may work on the same round and stage at once: images are handed out by per-image claims
+    (module doc).
 
     Args:
         store: the store (``Store`` or URL).
@@ -283,11 +326,14 @@ class AnnotationSession:
         model: the model the page prompts.
         model_version: the stored model's version (``models/v<N>``), or None for a model from
             outside the store; written to the masks' ``model_version``.
-        annotator: the person (default ``WebAnnotator("web")``).
+        annotator: the person of ``user=None`` requests (a server without accounts; default
+            ``WebAnnotator("web")``). A named user is ``WebAnnotator(<name>)``.
         generator_options: ``MaskGenerator`` options of the semi stage's pre-fill, over the
             stage grid and the model's ``semi`` preset; ignored for ``manual``.
         model_meta: the stored model's meta, for the round's metrics (held-out mIoU).
         clock: seconds of a monotonic clock, for working time (default ``time.monotonic``).
+        claim_ttl_s: seconds a person's claim on their image lasts unless renewed (by any of
+            their requests, or the page's heartbeat).
     """
 
     def __init__(
@@ -301,6 +347,7 @@ class AnnotationSession:
         generator_options: dict[str, Any] | None = None,
         model_meta: dict[str, Any] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        claim_ttl_s: float = CLAIM_TTL_S,
     ) -> None:
         if stage not in STAGES:
             raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
@@ -313,58 +360,103 @@ class AnnotationSession:
         self.model_version = model_version
         self.model_meta = model_meta or {}
         self.annotator = annotator or WebAnnotator()
-        self.predictor = Predictor(model)
         self.generator = None
         if stage == "semi":
             self.generator = stage_generator(model, "semi", generator_options)
-        owner = f"{socket.gethostname()}:{os.getpid()} (maskmill serve, {self.annotator.source})"
-        self.writer = StageWriter(self.store, self.round, stage, owner=owner)
+        self.claim_ttl_s = claim_ttl_s
         self.images: dict[str, ImageInfo] = {}
         self.categories: dict[str, int | None] = {}  # name -> category id (module doc)
         self.clock = clock
         self.finished: dict[str, Any] | None = None  # the rounds row, once every image is done
-        self._open: _OpenImage | None = None
-        self._lock = threading.RLock()
+        self._workspaces: dict[str | None, _Workspace] = {}
+        self._lock = threading.Lock()  # the workspaces and categories dicts
+        # Model calls one at a time, clicks first; embeddings step aside between encoder blocks
+        # (the generator's predictor, which has one image, is serialised by it too).
+        self.lane = ComputeLane().attach(model.image_encoder)
+        self.writer = self.workspace().writer  # the session's own person's
 
     # ------------------------------------------------------------------------------ lifecycle
 
     def __enter__(self) -> AnnotationSession:
-        self.writer.__enter__()
-        try:
-            self.images = image_infos(self.store)
-            self.categories = categories(self.store)
-        except BaseException:
-            self.writer.__exit__(None, None, None)
-            raise
+        self.images = image_infos(self.store)
+        self.categories = categories(self.store)
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
 
     def close(self) -> None:
-        """Give the writer lease back (idempotent)."""
+        """Stop: an open image with accepted work (an accept, a delete) is finished, as "next
+        image" would (its masks are kept, as when a server stopped before claims); the other
+        claims are given back, their images back to the queue (idempotent)."""
         with self._lock:
-            self.writer.__exit__(None, None, None)
+            workspaces = list(self._workspaces.values())
+        for ws in workspaces:
+            with ws.lock:
+                work = ws.open
+                if work is not None:
+                    self._abandon(ws, work, self._worked(work))  # an edited mask goes back
+                    # An image that is someone else's already has nothing to keep here.
+                    with contextlib.suppress(ImageLostError):
+                        if work.history:
+                            self._write(ws, work)
+                ws.open = None
+                ws.writer.__exit__(None, None, None)
+        self.lane.detach()
+
+    def workspace(self, user: str | None = None) -> _Workspace:
+        """The workspace of ``user`` (an account name; None: the session's own annotator),
+        made on their first request."""
+        with self._lock:
+            ws = self._workspaces.get(user)
+            if ws is None:
+                annotator = self.annotator if user is None else WebAnnotator(user)
+                # A person's claims are theirs on this server: the same person on two servers
+                # gets two images, not one image twice.
+                owner = f"{annotator.source} ({socket.gethostname()}:{os.getpid()}, serve)"
+                writer = StageWriter(
+                    self.store, self.round, self.stage, owner, self.claim_ttl_s, shared=True
+                )
+                ws = self._workspaces[user] = _Workspace(
+                    annotator, Predictor(self.model), writer.__enter__()
+                )
+            return ws
+
+    def heartbeat(self, *, user: str | None = None) -> dict[str, Any]:
+        """Renew the person's claim on their open image (the page calls it while open). Returns
+        ``image_id`` (None when no image is open) and ``claim_ttl_s``; 409 when the claim was
+        lost (the image went back to the queue)."""
+        ws = self.workspace(user)
+        with ws.lock:
+            self._renew(ws)
+            image_id = ws.open.row.image_id if ws.open is not None else None
+            return {"image_id": image_id, "claim_ttl_s": self.claim_ttl_s}
 
     # -------------------------------------------------------------------------------- queries
 
-    def state(self) -> dict[str, Any]:
-        """The page's view: the image being annotated (the next one opened if none) and its
-        masks, or ``done`` when every image of the round has its shard."""
-        with self._lock:
-            if self._open is None:
-                self._open_next()
-            return self._state()
+    def state(self, *, user: str | None = None) -> dict[str, Any]:
+        """The person's view: the image they annotate (their next one claimed and opened if
+        none) and its masks; ``done`` when there is none for them, with ``waiting`` the images
+        others still hold (0: every image of the round is done)."""
+        ws = self.workspace(user)
+        with ws.lock:
+            self._renew(ws)
+            if ws.open is None:
+                self._open_next(ws)
+            return self._state(ws)
 
-    def image_bytes(self, image_id: str) -> tuple[bytes, str]:
+    def image_bytes(self, image_id: str, *, user: str | None = None) -> tuple[bytes, str]:
         """(encoded bytes, media type) of a store image, decoded on the stored pixel grid (no
         EXIF turn, the grid masks refer to) and re-encoded as PNG (JPEG when large)."""
-        with self._lock:
+        ws = self.workspace(user)
+        with ws.lock:
             row = self._row(image_id)
-            if self._open is not None and self._open.row.image_id == image_id:
-                if self._open.encoded is None:
-                    self._open.encoded = _encode(self._open.image)
-                return self._open.encoded
+            # No claim renewal here: a lost image is told where the page can show it (the
+            # JSON requests), not on an <img> fetch.
+            if ws.open is not None and ws.open.row.image_id == image_id:
+                if ws.open.encoded is None:
+                    ws.open.encoded = _encode(ws.open.image)
+                return ws.open.encoded
             try:
                 return _encode(load_stored_image(row))
             except BadImageError as error:
@@ -380,6 +472,8 @@ class AnnotationSession:
         mask_input_from_previous: bool = False,
         previous_index: int | None = None,
         multimask: bool | None = None,
+        *,
+        user: str | None = None,
     ) -> dict[str, Any]:
         """Masks for a prompt on the open image, with the object's strokes painted over them.
 
@@ -404,8 +498,9 @@ class AnnotationSession:
             SessionError: 404 unknown image, 409 not the open image or no previous
                 prediction, 422 a malformed prompt (the predictor's message).
         """
-        with self._lock:
-            work = self._current(image_id)
+        ws = self.workspace(user)
+        with ws.lock:
+            work = self._current(ws, image_id)
             height, width = work.image.shape[:2]
             coords = np.asarray([p[:2] for p in points], np.float64).reshape(-1, 2)
             labels = np.asarray([p[2] for p in points], np.int64).reshape(-1)
@@ -434,10 +529,11 @@ class AnnotationSession:
                 mask_input = previous.low_res[index : index + 1]
             if multimask is None:
                 multimask = len(coords) == 1 and box_array is None and mask_input is None
-            started = time.perf_counter()
             try:
-                with torch.inference_mode():
-                    masks, scores, low_res = self.predictor.predict(
+                # The lane: one model call at a time, clicks before embeddings (engine.web.lane).
+                with self.lane.turn(CLICK), torch.inference_mode():
+                    started = time.perf_counter()
+                    masks, scores, low_res = ws.predictor.predict(
                         coords if len(coords) else None,
                         labels if len(coords) else None,
                         box=box_array,
@@ -468,7 +564,13 @@ class AnnotationSession:
             }
 
     def stroke(
-        self, image_id: str, mode: str, radius: int, points: Sequence[Sequence[int]]
+        self,
+        image_id: str,
+        mode: str,
+        radius: int,
+        points: Sequence[Sequence[int]],
+        *,
+        user: str | None = None,
     ) -> dict[str, Any]:
         """Paint a brush or eraser stroke on the object being drawn; with nothing drawn, on an
         empty mask (an object painted by hand).
@@ -487,8 +589,9 @@ class AnnotationSession:
             SessionError: 404 unknown image, 409 not the open image, 422 a malformed stroke or
                 ``MAX_STROKES`` strokes on the object already.
         """
-        with self._lock:
-            work = self._current(image_id)
+        ws = self.workspace(user)
+        with ws.lock:
+            work = self._current(ws, image_id)
             stroke = check_stroke(mode, radius, points, *work.image.shape[:2])
             obj = work.object
             if len(obj.strokes) >= MAX_STROKES:
@@ -508,7 +611,12 @@ class AnnotationSession:
     # --------------------------------------------------------------------------------- edits
 
     def accept(
-        self, image_id: str, mask: int | None = None, category: str | None = None
+        self,
+        image_id: str,
+        mask: int | None = None,
+        category: str | None = None,
+        *,
+        user: str | None = None,
     ) -> dict[str, Any]:
         """Accept mask ``mask`` (default the best) of the object, strokes painted: it joins the
         image's annotation with its clicks, strokes, working seconds and ``model_iou`` (module
@@ -520,8 +628,9 @@ class AnnotationSession:
             category: the object's category name (:func:`check_category`); None keeps an edited
                 mask's own, else none.
         """
-        with self._lock:
-            work = self._current(image_id)
+        ws = self.workspace(user)
+        with ws.lock:
+            work = self._current(ws, image_id)
             obj = work.object
             if not obj.drawing:
                 raise SessionError(409, "nothing to accept: click on an object or paint it first")
@@ -554,9 +663,10 @@ class AnnotationSession:
                 model_iou = float(rle.ious([model_mask], [segmentation])[0, 0])
             if name is None and prior is not None:
                 name = prior.category
-            if name is not None and name not in self.categories:
-                known = [i for i in self.categories.values() if i is not None]
-                self.categories[name] = max(known, default=0) + 1
+            with self._lock:  # the categories are everybody's
+                if name is not None and name not in self.categories:
+                    known = [i for i in self.categories.values() if i is not None]
+                    self.categories[name] = max(known, default=0) + 1
             accepted = WebMask(
                 segmentation,
                 list(clicks),
@@ -569,7 +679,7 @@ class AnnotationSession:
                 model_mask=model_mask,
                 from_prefill=bool(prior and prior.from_prefill),
             )
-            annotation = self.annotator.work(image_id)
+            annotation = ws.annotator.work(image_id)
             reopened = obj.reopened
             # An edited mask of the person's goes back where it was; any other is appended.
             if reopened is not None and reopened.where == "web":
@@ -581,15 +691,15 @@ class AnnotationSession:
             annotation.prefill_corrected += int(corrected)
             work.history.append(("accept", (position, corrected)))
             work.object = _Object()
-            self._write(work)
-            return self._state()
+            self._write(ws, work, keep_claim=True)
+            return self._state(ws)
 
-    def undo(self, image_id: str) -> dict[str, Any]:
+    def undo(self, image_id: str, *, user: str | None = None) -> dict[str, Any]:
         """Undo the object's last stroke or click (the prediction before the click comes back);
-        with none, the image's last accept, delete or edit (rewrites its shard). Returns the
-        state."""
-        with self._lock:
-            work = self._current(image_id)
+        with none, the image's last accept, delete or edit. Returns the state."""
+        ws = self.workspace(user)
+        with ws.lock:
+            work = self._current(ws, image_id)
             obj = work.object
             if obj.history:
                 kind, packed = obj.history.pop()
@@ -599,80 +709,85 @@ class AnnotationSession:
                 else:
                     obj.prediction = _unpacked(packed)
                 self._repaint(work)
-                return self._state()
+                return self._state(ws)
             if not work.history:
                 raise SessionError(409, "nothing to undo on this image")
             self._worked(work)  # between objects: no mask's time
             kind, payload = work.history.pop()
-            annotation = self.annotator.work(image_id)
+            annotation = ws.annotator.work(image_id)
             if kind == "accept":
                 position, corrected = payload
                 annotation.masks.pop(position)
                 annotation.prefill_corrected -= int(corrected)
             else:  # a delete or an edit: the mask goes back where it was, as it was
-                self._insert(work, *payload)
+                self._insert(ws, work, *payload)
                 if kind == "delete" and payload[0] == "model":
                     annotation.prefill_deleted -= 1
                 if kind == "edit":
                     work.object = _Object()
-            self._write(work)
-            return self._state()
+            self._write(ws, work, keep_claim=True)
+            return self._state(ws)
 
-    def delete(self, image_id: str, index: int) -> dict[str, Any]:
+    def delete(self, image_id: str, index: int, *, user: str | None = None) -> dict[str, Any]:
         """Delete mask ``index`` of the image's masks as the state lists them (pre-filled first,
         then the person's); rewrites its shard."""
-        with self._lock:
-            work = self._current(image_id)
+        ws = self.workspace(user)
+        with ws.lock:
+            work = self._current(ws, image_id)
             if work.object.reopened is not None:
                 raise SessionError(409, "a mask is being edited: accept it or clear it (Esc) first")
-            annotation = self.annotator.work(image_id)
-            where, position = self._locate(work, index)
+            annotation = ws.annotator.work(image_id)
+            where, position = self._locate(ws, work, index)
             self._worked(work)  # between objects: no mask's time
             items = work.prefill if where == "model" else annotation.masks
             work.history.append(("delete", (where, position, items.pop(position))))
             annotation.prefill_deleted += int(where == "model")
-            self._write(work)
-            return self._state()
+            self._write(ws, work, keep_claim=True)
+            return self._state(ws)
 
-    def edit(self, image_id: str, index: int) -> dict[str, Any]:
+    def edit(self, image_id: str, index: int, *, user: str | None = None) -> dict[str, Any]:
         """Take mask ``index`` of the image's masks (as the state lists them) back as the object
         being drawn, for strokes (module doc). The shard is rewritten when it is accepted; Esc,
         undo or "next image" put it back unchanged. Returns the state."""
-        with self._lock:
-            work = self._current(image_id)
+        ws = self.workspace(user)
+        with ws.lock:
+            work = self._current(ws, image_id)
             if work.object.drawing:
                 raise SessionError(
                     409,
                     f"an object is being drawn: accept it or clear it (Esc) before editing mask "
                     f"{index}",
                 )
-            where, position = self._locate(work, index)
-            items = work.prefill if where == "model" else self.annotator.work(image_id).masks
+            where, position = self._locate(ws, work, index)
+            items = work.prefill if where == "model" else ws.annotator.work(image_id).masks
             item = items.pop(position)
             segmentation = item.segmentation if isinstance(item, WebMask) else item["segmentation"]
             work.history.append(("edit", (where, position, item)))
             work.object.reopened = _Reopened(where, position, item, rle.decode(segmentation))
             work.object.seconds += self._worked(work)
-            return self._state()
+            return self._state(ws)
 
-    def clear(self, image_id: str) -> dict[str, Any]:
+    def clear(self, image_id: str, *, user: str | None = None) -> dict[str, Any]:
         """Drop the object being drawn (its time counts as abandoned; an edited mask goes back
         unchanged). Returns the state."""
-        with self._lock:
-            work = self._current(image_id)
-            self._abandon(work, self._worked(work))
-            return self._state()
+        ws = self.workspace(user)
+        with ws.lock:
+            work = self._current(ws, image_id)
+            self._abandon(ws, work, self._worked(work))
+            return self._state(ws)
 
-    def next_image(self, image_id: str) -> dict[str, Any]:
-        """Finish the open image (its shard is written, also with no masks) and open the next
-        one. When none is left, the round's row is written to the rounds table."""
-        with self._lock:
-            work = self._current(image_id)
-            self._abandon(work, self._worked(work))
-            self._write(work)
-            self._open = None
-            self._open_next()
-            return self._state()
+    def next_image(self, image_id: str, *, user: str | None = None) -> dict[str, Any]:
+        """Finish the open image (its shard is written under the person's claim, also with no
+        masks; the image is done) and open the person's next one. When none is left, the
+        round's row is written to the rounds table."""
+        ws = self.workspace(user)
+        with ws.lock:
+            work = self._current(ws, image_id)
+            self._abandon(ws, work, self._worked(work))
+            self._write(ws, work)
+            ws.open = None
+            self._open_next(ws)
+            return self._state(ws)
 
     # ------------------------------------------------------------------------------ internals
 
@@ -683,54 +798,83 @@ class AnnotationSession:
             raise SessionError(404, f"no image {image_id!r} in this store")
         return row
 
-    def _current(self, image_id: str) -> _OpenImage:
+    def _current(self, ws: _Workspace, image_id: str) -> _OpenImage:
         self._row(image_id)
-        if self._open is None:
-            self._open_next()
-        if self._open is None or self._open.row.image_id != image_id:
-            current = self._open.row.image_id if self._open else None
+        self._renew(ws)
+        if ws.open is None:
+            self._open_next(ws)
+        if ws.open is None or ws.open.row.image_id != image_id:
+            current = ws.open.row.image_id if ws.open else None
             raise SessionError(
                 409, f"image {image_id} is not the one being annotated (that is {current})"
             )
-        return self._open
+        return ws.open
 
-    def _open_next(self) -> None:
-        """Open the first image without a shard: read it, embed it, pre-fill it (semi)."""
-        self.writer.lease.check()  # renews the lease on a long session; raises if it is lost
-        for image_id in sorted(self.images):
+    def _renew(self, ws: _Workspace) -> None:
+        """Renew the person's claim on their open image. A claim that is no longer theirs (it
+        expired and another person took the image, or finished it) drops the image's work here
+        and raises :class:`ImageLostError`."""
+        if ws.open is None:
+            return
+        try:
+            ws.writer.claims.renew(ws.open.row.image_id)
+        except ClaimLostError as error:
+            raise self._lost(ws, error) from None
+
+    def _lost(self, ws: _Workspace, error: Exception) -> ImageLostError:
+        """Drop the person's open image (it is someone else's now) and say so."""
+        image_id = ws.open.row.image_id
+        ws.annotator.drop(image_id)
+        ws.open = None
+        return ImageLostError(
+            409,
+            f"image {image_id} is no longer yours: your claim on it expired and it went back to "
+            f"the queue ({error}). What you did on it was not saved; the next request opens "
+            "another image.",
+        )
+
+    def _open_next(self, ws: _Workspace) -> None:
+        """Claim and open the person's next image: the first, by id, neither done nor failed
+        that nobody else holds; read it, embed it, pre-fill it (semi). With none to claim, the
+        round's row is written if no image is pending either."""
+        ids = sorted(self.images)
+        pending = ws.writer.pending(ids)
+        while (image_id := ws.writer.claims.claim_next(pending)) is not None:
             row = self.images[image_id]
-            if self.writer.done(image_id):
-                continue
-            image = read_stored_image(self.writer, row)  # None: failure recorded
+            image = read_stored_image(ws.writer, row)  # None: failure recorded, claim released
             if image is None:
+                pending = pending[pending.index(image_id) + 1 :]
                 continue
             prefill = []
-            with torch.inference_mode():
+            with self.lane.turn(EMBED), torch.inference_mode():
                 if self.generator is not None:
                     prefill = [{**r, "source": "model"} for r in self.generator.generate(image)]
-                self.predictor.set_image(image)  # the embedding: once per image
+                ws.predictor.set_image(image)  # the embedding: once per image
             existing = existing_masks(self.store, [image_id], self.round)[image_id]
-            self._open = _OpenImage(row, image, prefill, existing, self.clock())
+            ws.open = _OpenImage(row, image, prefill, existing, self.clock())
             return
-        self._open = None
-        if self.finished is None:
-            self.finished = self.writer.finish(
+        ws.open = None
+        # The round is complete when no image is pending: the metrics (DuckDB over the stored
+        # masks) are computed only then.
+        if self.finished is None and not ws.writer.pending(ids):
+            self.finished = ws.writer.finish_if_complete(
+                ids,
                 model_version=self.model_version,
                 metrics=stage_metrics(self.store, self.round, self.stage, self.model_meta),
             )
 
-    def _abandon(self, work: _OpenImage, gap: float) -> None:
+    def _abandon(self, ws: _Workspace, work: _OpenImage, gap: float) -> None:
         """Drop the object being drawn: a new object counts as abandoned (the Annotation's
         fields), an edited mask goes back unchanged; either way its time is abandoned time."""
         obj = work.object
         if obj.drawing:
-            annotation = self.annotator.work(work.row.image_id)
+            annotation = ws.annotator.work(work.row.image_id)
             annotation.abandoned_seconds += obj.seconds + gap
             if obj.reopened is not None:
                 # While a mask is edited nothing else enters the image's history (delete and
                 # edit are refused): its "edit" entry is the last.
                 _, payload = work.history.pop()
-                self._insert(work, *payload)
+                self._insert(ws, work, *payload)
             else:
                 annotation.abandoned += 1
                 annotation.abandoned_clicks += obj.predictions
@@ -744,10 +888,10 @@ class AnnotationSession:
         work.last_action = now
         return gap
 
-    def _locate(self, work: _OpenImage, index: int) -> tuple[str, int]:
+    def _locate(self, ws: _Workspace, work: _OpenImage, index: int) -> tuple[str, int]:
         """(list, position) of mask ``index`` as the state lists them: pre-fill, then the
         person's."""
-        annotation = self.annotator.work(work.row.image_id)
+        annotation = ws.annotator.work(work.row.image_id)
         total = len(work.prefill) + len(annotation.masks)
         if not 0 <= index < total:
             raise SessionError(422, f"index {index} is out of range: the image has {total} masks")
@@ -755,9 +899,11 @@ class AnnotationSession:
             return "model", index
         return "web", index - len(work.prefill)
 
-    def _insert(self, work: _OpenImage, where: str, position: int, item: Any) -> None:
+    def _insert(
+        self, ws: _Workspace, work: _OpenImage, where: str, position: int, item: Any
+    ) -> None:
         """Put a deleted or edited mask back where it was."""
-        items = work.prefill if where == "model" else self.annotator.work(work.row.image_id).masks
+        items = work.prefill if where == "model" else ws.annotator.work(work.row.image_id).masks
         items.insert(position, item)
 
     @staticmethod
@@ -823,36 +969,46 @@ class AnnotationSession:
             "editing": obj.reopened.where if obj.reopened is not None else None,
         }
 
-    def _records(self, work: _OpenImage) -> list[dict[str, Any]]:
+    def _records(self, ws: _Workspace, work: _OpenImage) -> list[dict[str, Any]]:
         """The image's mask records, as ``engine.stages`` builds them: pre-fill, then the
         annotator's masks (through the Annotator contract)."""
         image_id = work.row.image_id
-        annotation = self.annotator.annotate(
+        annotation = ws.annotator.annotate(
             image_id,
             work.image,
-            self.predictor,
+            ws.predictor,
             work.existing,
             [record["segmentation"] for record in work.prefill],
         )
         records = [dict(r) for r in work.prefill]
-        records.extend(annotation.records(self.annotator.source))
+        records.extend(annotation.records(ws.annotator.source))
         for index, record in enumerate(records):
             record.update(image_id=image_id, index=index)
             if record.get("category") is not None and record.get("category_id") is None:
                 record["category_id"] = self.categories.get(record["category"])
         return records
 
-    def _write(self, work: _OpenImage) -> None:
-        self.writer.write_masks(
-            work.row.image_id, self._records(work), model_version=self.model_version
-        )
+    def _write(self, ws: _Workspace, work: _OpenImage, keep_claim: bool = False) -> None:
+        """Commit the image's shard under the person's claim: at every accept, delete and undo
+        of one (``keep_claim``: the claim stays theirs and the next commit replaces the shard,
+        so nothing accepted is lost when a browser dies), and when they finish the image (the
+        claim is released)."""
+        try:
+            ws.writer.write_masks(
+                work.row.image_id,
+                self._records(ws, work),
+                keep_claim=keep_claim,
+                model_version=self.model_version,
+            )
+        except (ClaimLostError, ImageDoneError) as error:  # it went to someone else meanwhile
+            raise self._lost(ws, error) from None
 
-    def _state(self) -> dict[str, Any]:
+    def _state(self, ws: _Workspace) -> dict[str, Any]:
         ids = sorted(self.images)
         base = {
             "round": self.round,
             "stage": self.stage,
-            "annotator": self.annotator.source,
+            "annotator": ws.annotator.source,
             "model_version": self.model_version,
             "total": len(ids),
             "categories": sorted(self.categories),
@@ -860,11 +1016,14 @@ class AnnotationSession:
             "max_radius": MAX_RADIUS,
             "max_stroke_points": MAX_STROKE_POINTS,
         }
-        work = self._open
+        work = ws.open
         if work is None:
+            # No image for this person: the round is complete, or the images left are held
+            # by others (``waiting``; one of them may come back to the queue).
             return {
                 **base,
                 "done": True,
+                "waiting": len(ws.writer.pending(ids)),
                 "image": None,
                 "masks": [],
                 "existing": [],
@@ -873,7 +1032,7 @@ class AnnotationSession:
             }
         image_id = work.row.image_id
         masks = []
-        for record in self._records(work):
+        for record in self._records(ws, work):
             masks.append(
                 {
                     "index": record["index"],
