@@ -115,7 +115,8 @@ def test_wheel_installs_into_a_fresh_venv(tmp_path):
     tops = {n.split("/")[0] for n in names if not n.startswith("maskmill-")}
     assert tops == {"maskmill"}, tops
     assert "maskmill/model/weights/default.pt" in names
-    assert "maskmill/engine/web/static/annotate.html" in names
+    for page in ("annotate.html", "review.html", "masks.js"):  # the server's static files
+        assert f"maskmill/engine/web/static/{page}" in names
 
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)

@@ -21,6 +21,7 @@ cross-site form cannot send without a CORS preflight this app never grants)::
     POST /api/images/{image_id}/edit        {index: int}              -> state
     POST /api/images/{image_id}/clear       {}                        -> state
     POST /api/images/{image_id}/next        {}                        -> state of the next image
+    GET  /static/masks.js                   the mask helpers both pages share (static/masks.js)
     GET  /review                            the review page (engine/web/static/review.html)
     GET  /api/review/next                   review state: an image with another person's masks
                                              waiting for a verdict (engine.web.review)
@@ -61,7 +62,7 @@ from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from maskmill.engine.web.review import ReviewDesk, review_page_html, reviewer_id
+from maskmill.engine.web.review import ReviewDesk, reviewer_id
 from maskmill.engine.web.session import (
     MAX_POINTS,
     AnnotationSession,
@@ -80,11 +81,15 @@ NO_ACCOUNTS_USER = "web"  # current_user of a server without accounts (one perso
 _TOKEN_QUERY = re.compile(r"token=[^&\s]*")
 
 
+def static_text(name: str) -> str:
+    """A file the server ships as package data under ``engine/web/static/``: the annotation
+    page, the review page and the script they share."""
+    return resources.files("maskmill.engine.web").joinpath("static", name).read_text("utf-8")
+
+
 def page_html() -> str:
-    """The annotation page (plain HTML + canvas + JS, shipped as package data)."""
-    return (
-        resources.files("maskmill.engine.web").joinpath("static/annotate.html").read_text("utf-8")
-    )
+    """The annotation page (plain HTML + canvas + JS)."""
+    return static_text("annotate.html")
 
 
 # ------------------------------------------------------------------------------- identity
@@ -342,7 +347,13 @@ def create_app(session: AnnotationSession, allowed_hosts: list[str] | None = Non
 
     # Review mode (engine.web.review): the masks of the session's round and stage.
     desk = ReviewDesk(session.store, session.round, session.stage, session.images)
-    review_html = review_page_html()
+    review_html = static_text("review.html")
+    masks_js = static_text("masks.js")
+
+    async def script(request: Request) -> Response:
+        return Response(
+            masks_js, media_type="text/javascript", headers={"Cache-Control": "no-store"}
+        )
 
     def reviewer(request: Request) -> str:
         return reviewer_id(_person(request), session.annotator.source)
@@ -380,6 +391,7 @@ def create_app(session: AnnotationSession, allowed_hosts: list[str] | None = Non
         Route(f"{image_path}/edit", endpoint(edit), methods=["POST"]),
         Route(f"{image_path}/clear", endpoint(clear), methods=["POST"]),
         Route(f"{image_path}/next", endpoint(next_image), methods=["POST"]),
+        Route("/static/masks.js", script, methods=["GET"]),
         Route("/review", review_page, methods=["GET"]),
         Route("/api/review/next", endpoint(review_next), methods=["GET"]),
         Route("/api/review/{image_id}/verdicts", endpoint(review_verdicts), methods=["POST"]),

@@ -24,7 +24,6 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Mapping
-from importlib import resources
 from typing import Any
 
 from maskmill.engine.web.session import (
@@ -44,11 +43,6 @@ from maskmill.storage.reviews import write_verdicts
 HANDOUT_TTL_S = 120.0
 MAX_VERDICTS = 1000  # masks judged in one request; an image has far fewer
 _VERDICT_FIELDS = {"mask_id", "verdict", "reason", "seconds", "correction", "strokes"}
-
-
-def review_page_html() -> str:
-    """The review page (plain HTML + canvas + JS, shipped as package data)."""
-    return resources.files("maskmill.engine.web").joinpath("static/review.html").read_text("utf-8")
 
 
 def reviewer_id(person: str | None, own_source: str) -> str:
