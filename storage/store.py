@@ -30,7 +30,8 @@ import os
 import re
 import time
 import uuid
-from typing import Any
+from collections.abc import Callable
+from typing import Any, BinaryIO
 
 import fsspec
 import pyarrow as pa
@@ -164,20 +165,9 @@ class Store:
             row_group_size=ROW_GROUP_ROWS,
         )
         if self.local:
-            folder, name = final.rsplit("/", 1)
-            os.makedirs(folder, exist_ok=True)
-            tmp = f"{folder}/.{name}.{uuid.uuid4().hex}{_TMP_SUFFIX}"
-            try:
-                with open(tmp, "wb") as handle:
-                    pq.write_table(data, handle, **options)
-                    handle.flush()
-                    os.fsync(handle.fileno())
-                (_link if exclusive else _move)(tmp, final)
-            except BaseException:
-                if os.path.exists(tmp):
-                    os.remove(tmp)
-                raise
-            _fsync_dir(folder)
+            _write_local(
+                final, lambda handle: pq.write_table(data, handle, **options), exclusive, True
+            )
         else:
             buffer = io.BytesIO()
             pq.write_table(data, buffer, **options)
@@ -223,12 +213,7 @@ class Store:
     def write_bytes(self, path: str, data: bytes) -> None:
         """Write a small object whole (temp + rename locally, one PUT elsewhere)."""
         if self.local:
-            folder = os.path.dirname(path)
-            os.makedirs(folder, exist_ok=True)
-            tmp = f"{path}.{uuid.uuid4().hex}{_TMP_SUFFIX}"
-            with open(tmp, "wb") as handle:
-                handle.write(data)
-            _move(tmp, path)
+            _write_local(path, lambda handle: handle.write(data), exclusive=False, durable=False)
         else:
             self.fs.makedirs(self.fs._parent(path), exist_ok=True)
             self.fs.pipe_file(path, data)
@@ -244,16 +229,7 @@ class Store:
         narrow further by reading back what they wrote.
         """
         if self.local:
-            folder, name = path.rsplit("/", 1)
-            os.makedirs(folder, exist_ok=True)
-            tmp = f"{folder}/.{name}.{uuid.uuid4().hex}{_TMP_SUFFIX}"
-            try:
-                with open(tmp, "wb") as handle:
-                    handle.write(data)
-                _link(tmp, path)
-            finally:
-                if os.path.exists(tmp):
-                    os.remove(tmp)
+            _write_local(path, lambda handle: handle.write(data), exclusive=True, durable=False)
             return
         self.fs.makedirs(self.fs._parent(path), exist_ok=True)
         try:
@@ -298,6 +274,31 @@ def check_key(key: str, what: str) -> str:
             "or '-', starting with a letter or digit"
         )
     return key
+
+
+def _write_local(
+    path: str, write: Callable[[BinaryIO], object], exclusive: bool, durable: bool
+) -> None:
+    """Write a local file whole: ``write`` fills a temp file beside ``path`` (a hidden name
+    readers never take for a shard), which then becomes ``path`` by :func:`_link` (exclusive:
+    FileExistsError when ``path`` exists) or :func:`_move` (replacing it). ``durable`` fsyncs
+    the data and the folder (shards; small lock and meta objects skip it). The temp file never
+    outlives a failure."""
+    folder, name = path.rsplit("/", 1)
+    os.makedirs(folder, exist_ok=True)
+    tmp = f"{folder}/.{name}.{uuid.uuid4().hex}{_TMP_SUFFIX}"
+    try:
+        with open(tmp, "wb") as handle:
+            write(handle)
+            if durable:
+                handle.flush()
+                os.fsync(handle.fileno())
+        (_link if exclusive else _move)(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    if durable:
+        _fsync_dir(folder)
 
 
 def _move(tmp: str, final: str) -> None:
