@@ -308,6 +308,8 @@ class _Workspace:
     writer: StageWriter
     open: _OpenImage | None = None
     lock: threading.RLock = field(default_factory=threading.RLock)
+    # time.monotonic() when the open image's claim was last made fresh (taken or renewed)
+    renewed_at: float = -math.inf
 
 
 class AnnotationSession:
@@ -816,10 +818,15 @@ class AnnotationSession:
         and raises :class:`ImageLostError`."""
         if ws.open is None:
             return
+        # A claim made fresh less than a quarter of its lifetime ago cannot have been taken
+        # since (only an expired one can): no store round trip on every click.
+        if time.monotonic() - ws.renewed_at < ws.writer.claims.ttl_s / 4:
+            return
         try:
             ws.writer.claims.renew(ws.open.row.image_id)
         except ClaimLostError as error:
             raise self._lost(ws, error) from None
+        ws.renewed_at = time.monotonic()
 
     def _lost(self, ws: _Workspace, error: Exception) -> ImageLostError:
         """Drop the person's open image (it is someone else's now) and say so."""
@@ -840,6 +847,7 @@ class AnnotationSession:
         ids = sorted(self.images)
         pending = ws.writer.pending(ids)
         while (image_id := ws.writer.claims.claim_next(pending)) is not None:
+            ws.renewed_at = time.monotonic()
             row = self.images[image_id]
             image = read_stored_image(ws.writer, row)  # None: failure recorded, claim released
             if image is None:
