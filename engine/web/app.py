@@ -77,7 +77,6 @@ log = logging.getLogger(__name__)
 MAX_BODY_BYTES = 64 * 1024  # a prompt is a few hundred bytes
 SESSION_COOKIE = "maskmill_session"
 CSRF_HEADER = "X-CSRF-Token"
-NO_ACCOUNTS_USER = "web"  # current_user of a server without accounts (one person, loopback)
 _TOKEN_QUERY = re.compile(r"token=[^&\s]*")
 
 
@@ -93,12 +92,6 @@ def page_html() -> str:
 
 
 # ------------------------------------------------------------------------------- identity
-
-
-def current_user(request: Request) -> str:
-    """The name of the person making ``request``: their account's, or ``"web"`` when the store
-    has no accounts (one person on loopback, as before accounts)."""
-    return request.scope.get("maskmill.user") or NO_ACCOUNTS_USER
 
 
 def _person(request: Request) -> str | None:

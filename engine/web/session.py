@@ -3,7 +3,7 @@
 :class:`AnnotationSession` holds what one ``maskmill serve`` process works on: one round and
 stage (``manual`` or ``semi``) of a store, the model, and one workspace per person (their own
 predictor and open image, claim, undo history and working-time clock), keyed by the person's
-account name (:func:`engine.web.app.current_user`; ``user=None``: the session's own annotator,
+account name (set by ``engine.web.app.AuthMiddleware``; ``user=None``: the session's own annotator,
 the one person of a server without accounts). The web app (:mod:`engine.web.app`) is a thin
 layer of HTTP over its methods.
 
