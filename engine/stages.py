@@ -159,16 +159,18 @@ def _annotation_stage(
                     continue  # another annotator took the image over (its claim had expired)
                 for name in run_counts:
                     run_counts[name] += getattr(annotation, name)
+            if writer.pending(image_ids):
+                # Others still hold images of the round: wait for them (a claim that expires
+                # comes back to claim_next here); the metrics are measured once, at the end.
+                time.sleep(CLAIM_POLL_S)
+                continue
             metrics = stage_metrics(
                 store, round_, stage, model_meta, time.perf_counter() - started, run_counts
             )
-            # None while others still hold images of the round: wait for them (a claim that
-            # expires comes back to claim_next here), then whoever finishes last writes the row.
+            # Whoever finishes the round last writes its row (None: one came back meanwhile).
             row = writer.finish_if_complete(
                 image_ids, model_version=version, metrics={**metrics, **thresholds}
             )
-            if row is None:
-                time.sleep(CLAIM_POLL_S)
         return row
 
 
