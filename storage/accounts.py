@@ -18,7 +18,6 @@ a time (two at the same instant could drop one's change; the server only reads i
 
 from __future__ import annotations
 
-import datetime as dt
 import hashlib
 import hmac
 import json
@@ -31,6 +30,7 @@ from typing import Any
 
 from maskmill.storage.errors import StorageError
 from maskmill.storage.store import Store
+from maskmill.storage.writer import utc_now
 
 ROLES = ("annotator", "reviewer")
 # Names travel as mask sources (web:<name>) and in claim owners: plain characters only.
@@ -190,7 +190,7 @@ class Accounts:
             users[name] = {
                 "role": role,
                 "token_sha256": hash_token(token),
-                "created_at": _now(),
+                "created_at": utc_now().isoformat(timespec="seconds"),
                 "revoked_at": None,
             }
             self._write(users)
@@ -211,7 +211,7 @@ class Accounts:
                 raise AccountError(f"no account {name!r} in {self.store.url} (accounts: {known})")
             if entry.get("revoked_at") is not None:
                 raise AccountError(f"{name}'s account was already revoked at {entry['revoked_at']}")
-            users[name] = {**entry, "revoked_at": _now()}
+            users[name] = {**entry, "revoked_at": utc_now().isoformat(timespec="seconds")}
             self._write(users)
             return _account(name, users[name])
 
@@ -246,7 +246,3 @@ def _signature(info: dict[str, Any] | None) -> tuple | None:
         return None
     keys = ("size", "mtime", "ino", "ETag", "etag", "LastModified", "last_modified")
     return tuple(str(info.get(key)) for key in keys)
-
-
-def _now() -> str:
-    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
