@@ -50,10 +50,18 @@ def _match_rates(reference_records, our_records) -> tuple[float, float]:
 
 
 def _assert_same_masks(records_a, records_b) -> None:
-    """Same masks in the same order, up to pixels whose logit is within float noise of 0 (a
-    different batch size changes the order of float sums)."""
+    """Same masks from the same points in the same order, with the same scores.
+
+    A different batch size changes the order of float sums, so scores agree to float noise, and a
+    random-weights mask whose logits lie near 0 over a wide area can flip many pixels (CI saw one
+    at IoU 0.87 of 192). A batching bug misaligns masks wholesale, so nearly all must match.
+    """
     assert len(records_a) == len(records_b)
-    assert np.diag(_ious(records_a, records_b)).min() > 0.99
+    for a, b in zip(records_a, records_b, strict=True):
+        assert a["point_coords"] == b["point_coords"] and a["crop_box"] == b["crop_box"]
+        assert a["predicted_iou"] == pytest.approx(b["predicted_iou"], abs=1e-4)
+    same = np.diag(_ious(records_a, records_b)) > 0.99
+    assert same.mean() >= 0.97, f"{int((~same).sum())} of {len(same)} masks differ"
 
 
 @pytest.mark.parametrize("case", list(CASES))
