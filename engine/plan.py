@@ -182,6 +182,20 @@ def model_for_round(store: Store, round_: int) -> dict[str, Any]:
     return metas[-1]
 
 
+def current_model(store: Store | str) -> dict[str, Any]:
+    """Meta (with ``uri``) of the model the store's next round would use: its newest promoted
+    version (what ``maskmill segment --store`` and ``serve`` mean by the store's model).
+
+    Raises:
+        NotAStoreError: ``store`` is a URL with no store. ValueError: it has no model yet.
+    """
+    store = (Store(store) if isinstance(store, str) else store).require()
+    metas = [m for m in store.model_metas() if m.get("promoted", True)]
+    if not metas:
+        raise ValueError(f"{store.url}: no model yet (a `maskmill run` stores its first)")
+    return metas[-1]
+
+
 def evaluate_heldout(
     store: Store, plan: Plan, model: torch.nn.Module, progress: bool = False
 ) -> dict[str, float]:

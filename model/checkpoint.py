@@ -3,7 +3,11 @@
 maskmill's format is a ``torch.save`` of a dict::
 
     {"format": "maskmill", "format_version": 1, "config": SamConfig.to_dict(),
-     "state_dict": {official key: tensor}, "metadata": {...}}
+     "state_dict": {official key: tensor}, "metadata": {...},
+     "concept_head": {"config": ConceptHead.config_dict(), "state_dict": {...}}}  # optional
+
+The concept head (``model.concept_head``, absent from official files) is kept apart from the
+official state dict, so that dict stays loadable by segment-anything as it is.
 
 An official SAM file is a bare state dict; its config is inferred from the tensor shapes.
 """
@@ -19,11 +23,13 @@ import fsspec
 import torch
 
 from .build import build_model
+from .concept_head import ConceptHead
 from .config import CONFIGS, SamConfig
 from .sam import Sam
 
 FORMAT_NAME = "maskmill"
 FORMAT_VERSION = 1
+CONCEPT_HEAD_KEY = "concept_head"  # the payload key, and the attribute of Sam
 
 
 class CheckpointError(ValueError):
@@ -63,6 +69,7 @@ def load_checkpoint(
             raise CheckpointError(f"{path_or_url}: invalid config: {error}") from None
         state_dict = payload.get("state_dict")
         metadata = dict(payload.get("metadata") or {})
+        concept_payload = payload.get("concept_head")
     elif (
         isinstance(payload, dict)
         and payload
@@ -70,7 +77,7 @@ def load_checkpoint(
     ):
         state_dict = payload
         config = infer_config(state_dict, source=path_or_url)
-        metadata = {}
+        metadata, concept_payload = {}, None
     else:
         kind = type(payload).__name__
         keys = list(payload)[:5] if isinstance(payload, dict) else []
@@ -83,6 +90,8 @@ def load_checkpoint(
         raise CheckpointError(f"{path_or_url}: 'state_dict' is missing or not a dict")
     model = build_model(config)
     _load_strict(model, state_dict, source=path_or_url)
+    if concept_payload is not None:
+        model.concept_head = _concept_head(concept_payload, source=path_or_url)
     model.metadata = metadata
     return model.to(device=device, dtype=dtype).eval()
 
@@ -111,19 +120,50 @@ def checkpoint_payload(
     model: Sam, metadata: dict[str, Any] | None = None, half: bool = False
 ) -> dict[str, Any]:
     """The dict ``save_checkpoint`` writes, for callers that own the bytes themselves."""
-    state_dict = {}
-    for key, tensor in model.state_dict().items():
-        tensor = tensor.detach().cpu()
-        if half and tensor.is_floating_point():
-            tensor = tensor.half()
-        state_dict[key] = tensor.clone()
-    return {
+
+    def tensors(module: torch.nn.Module, skip: str | None = None) -> dict[str, torch.Tensor]:
+        out = {}
+        for key, tensor in module.state_dict().items():
+            if skip and key.startswith(skip):
+                continue
+            tensor = tensor.detach().cpu()
+            if half and tensor.is_floating_point():
+                tensor = tensor.half()
+            out[key] = tensor.clone()
+        return out
+
+    head = getattr(model, "concept_head", None)
+    payload = {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
         "config": model.config.to_dict(),
-        "state_dict": state_dict,
+        "state_dict": tensors(model, skip=f"{CONCEPT_HEAD_KEY}."),
         "metadata": dict(metadata or {}),
     }
+    if head is not None:
+        payload[CONCEPT_HEAD_KEY] = {"config": head.config_dict(), "state_dict": tensors(head)}
+    return payload
+
+
+def _concept_head(payload: Any, source: str) -> ConceptHead:
+    """The concept head stored beside the weights, loaded strictly."""
+    if not isinstance(payload, dict) or not isinstance(payload.get("state_dict"), dict):
+        raise CheckpointError(f"{source}: 'concept_head' must hold 'config' and 'state_dict'")
+    try:
+        head = ConceptHead.from_config(payload.get("config") or {})
+    except ValueError as error:
+        raise CheckpointError(f"{source}: {error}") from None
+    state_dict = payload["state_dict"]
+    expected = head.state_dict()
+    wrong = sorted(set(expected) ^ set(state_dict)) + sorted(
+        key
+        for key in set(expected) & set(state_dict)
+        if getattr(state_dict[key], "shape", None) != expected[key].shape
+    )
+    if wrong:
+        raise CheckpointError(f"{source}: concept head does not match its config: {wrong[:10]}")
+    head.load_state_dict({k: v.to(expected[k].dtype) for k, v in state_dict.items()})
+    return head.eval()
 
 
 def infer_config(state_dict: dict[str, torch.Tensor], source: str = "state dict") -> SamConfig:
@@ -200,7 +240,7 @@ def _read(path_or_url: str) -> Any:
 
 
 def _load_strict(model: Sam, state_dict: dict[str, torch.Tensor], source: str) -> None:
-    expected = model.state_dict()
+    expected = model.state_dict()  # a freshly built model: no concept head
     missing = sorted(set(expected) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(expected))
     misshaped = [

@@ -288,6 +288,21 @@ class MaskGenerator:
             for i, (crops, image) in enumerate(zip(per_image, images, strict=True))
         ]
 
+    @torch.inference_mode()
+    def generate_embedded(self, embedding: ImageEmbedding) -> list[dict[str, Any]]:
+        """:meth:`generate` for an image already encoded (``Predictor.image_embedding``), so a
+        caller that holds the embedding does not run the encoder again. Whole image only:
+        crop layers need embeddings of their crops.
+
+        Raises:
+            ValueError: when ``crop_n_layers`` > 0.
+        """
+        if self.crop_n_layers > 0:
+            raise ValueError("generate_embedded covers the whole image only (crop_n_layers=0)")
+        height, width = embedding.original_size
+        crop = self._process_crop(embedding, [0, 0, width, height], 0, (height, width))
+        return self._finish([crop], (height, width), 1)
+
     # -------------------------------------------------------------------------------- internals
 
     def _process_crop(

@@ -173,6 +173,30 @@ class Predictor:
             low_res[0].float().cpu().numpy(),
         )
 
+    def predict_concept(
+        self,
+        text: str | Sequence[str] | None = None,
+        threshold: float | None = None,
+    ) -> list[dict]:
+        """Every instance of a concept in the current image (``model.concepts.find_instances``).
+
+        Args:
+            text: a concept name ("hazelnut"), several, or None for every concept the model's
+                concept head knows; names compare case-insensitively.
+            threshold: lowest concept score reported; None: the head's own.
+
+        Returns:
+            SA-1B records (``segmentation`` COCO RLE, ``area``, ``bbox`` XYWH, ``predicted_iou``,
+            ...) with ``category``, ``category_id`` and ``score``, highest score first.
+
+        Raises:
+            ValueError: the model has no concept head. KeyError: a concept it does not know.
+        """
+        from .concepts import find_instances  # concepts builds on this module
+
+        names = [text] if isinstance(text, str) else (list(text) if text is not None else None)
+        return find_instances(self.model, self.image_embedding, names, threshold=threshold)
+
     def predict_batch(
         self,
         point_coords: np.ndarray | torch.Tensor | None = None,

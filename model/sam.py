@@ -6,6 +6,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .concept_head import ConceptHead
 from .config import SamConfig
 from .image_encoder import ImageEncoderViT
 from .mask_decoder import MaskDecoder
@@ -17,8 +18,9 @@ PIXEL_STD = (58.395, 57.12, 57.375)
 
 class Sam(nn.Module):
     """SAM: ``image_encoder`` (run once per image), ``prompt_encoder`` and ``mask_decoder``
-    (run once per prompt). State-dict keys are segment-anything's, so official checkpoints load
-    strictly. ``config`` holds the hyperparameters the model was built with.
+    (run once per prompt), and optionally a ``concept_head`` that names what a mask is.
+    State-dict keys are segment-anything's, so official checkpoints load strictly (checkpoints
+    keep the concept head apart). ``config`` holds the hyperparameters the model was built with.
     """
 
     mask_threshold: float = 0.0
@@ -38,6 +40,9 @@ class Sam(nn.Module):
         # Not persistent: official checkpoints do not store them.
         self.register_buffer("pixel_mean", torch.tensor(PIXEL_MEAN).view(-1, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(PIXEL_STD).view(-1, 1, 1), False)
+        # Scores masks against named concepts; None until a store's categories trained one
+        # (not part of the official state dict: checkpoints keep it apart).
+        self.concept_head: ConceptHead | None = None
 
     @property
     def device(self) -> torch.device:

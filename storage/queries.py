@@ -155,8 +155,9 @@ def training_set(
     only: Sequence[str] | None = None,
     approved_only: bool = False,
 ) -> list[dict[str, Any]]:
-    """Images and masks to train on: ``[{"image_id", "uri", "round", "masks": [RLE, ...]}]``,
-    by id; ``round`` is the newest round of the image's masks.
+    """Images and masks to train on: ``[{"image_id", "uri", "round", "masks": [RLE, ...],
+    "categories": [name | None, ...], "category_ids": [id | None, ...]}]`` by id (the two
+    lists parallel to ``masks``); ``round`` is the newest round of the image's masks.
 
     Masks of ``stages`` from rounds before ``before_round`` (ground truth is round 0), at least
     ``min_mask_area`` pixels, crowd regions left out; images in ``exclude`` (held out) too, and
@@ -166,7 +167,8 @@ def training_set(
     masks = reviewed_masks(rule="approved" if approved_only else "default")
     with _opened(source) as catalog:
         rows = catalog.con.execute(
-            "SELECT m.image_id, i.uri, m.round, m.segmentation, m.height, m.width "
+            "SELECT m.image_id, i.uri, m.round, m.segmentation, m.height, m.width, "
+            "m.category, m.category_id "
             f"FROM {masks} m JOIN images i USING (image_id) WHERE m.stage IN (SELECT unnest(?)) "
             "AND m.round < ? AND m.area >= ? AND NOT m.iscrowd "
             "AND m.image_id NOT IN (SELECT unnest(?)) "
@@ -181,12 +183,22 @@ def training_set(
             ],
         ).fetchall()
     out: dict[str, dict[str, Any]] = {}
-    for image_id, uri, round_, counts, height, width in rows:
+    for image_id, uri, round_, counts, height, width, category, category_id in rows:
         entry = out.setdefault(
-            image_id, {"image_id": image_id, "uri": uri, "round": int(round_), "masks": []}
+            image_id,
+            {
+                "image_id": image_id,
+                "uri": uri,
+                "round": int(round_),
+                "masks": [],
+                "categories": [],
+                "category_ids": [],
+            },
         )
         entry["round"] = max(entry["round"], int(round_))
         entry["masks"].append(_rle(counts, height, width))
+        entry["categories"].append(category)
+        entry["category_ids"].append(None if category_id is None else int(category_id))
     return list(out.values())
 
 

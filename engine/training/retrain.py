@@ -56,11 +56,17 @@ from maskmill.engine.plan import (
     validation_samples,
 )
 from maskmill.engine.stages import STAGE_GENERATOR
+from maskmill.engine.training.concepts import (
+    ConceptTrainingConfig,
+    concept_examples,
+    train_concept_head,
+)
 from maskmill.engine.training.pretrain import TrainConfig
-from maskmill.model import generator_presets, load_checkpoint
+from maskmill.model import Sam, generator_presets, load_checkpoint
 from maskmill.model.prompt_simulation import prepare_masks
 from maskmill.model.sam import PIXEL_MEAN
 from maskmill.storage import Store
+from maskmill.storage.images import load_image
 from maskmill.storage.queries import training_set
 from maskmill.storage.schema import STAGE_GT
 from maskmill.storage.writer import utc_now
@@ -124,6 +130,8 @@ class RetrainConfig:
         approved_only: train only on masks a reviewer approved (and ground truth); by default
             a round and stage with review verdicts gives its approved masks and one without
             gives all (``storage.queries.reviewed_masks``).
+        concepts: also (re)train the model's concept head on the training masks' categories
+            (:func:`fit_concepts`), where they have any.
     """
 
     steps: int | None = None
@@ -143,6 +151,7 @@ class RetrainConfig:
     scale_jitter: float = 0.25
     tolerance: float = 0.0
     approved_only: bool = False
+    concepts: bool = True
 
     def __post_init__(self) -> None:
         checks = {
@@ -259,8 +268,9 @@ def retrain(
         }
         promoted, decision = promotion(scores["base"], scores["candidate"], config.tolerance)
         heldout = evaluate_heldout(store, plan, model, progress=progress)
+        concept_metrics = fit_concepts(model, samples, config) if config.concepts else {}
     else:  # nothing new to learn from: the same weights, stored for the record, not promoted
-        model, train_metrics, scores = base, {"steps": 0}, {}
+        model, train_metrics, scores, concept_metrics = base, {"steps": 0}, {}, {}
         promoted, decision = False, "no new masks to train on"
         heldout = {k: v for k, v in (base_meta.get("metrics") or {}).items() if "heldout" in k}
     if promoted:
@@ -285,6 +295,7 @@ def retrain(
     metrics = {
         **heldout,
         **train_metrics,
+        **concept_metrics,
         "train_images": len(samples),
         "train_masks": new_masks + replayed_masks,
         "new_masks": new_masks,
@@ -307,6 +318,7 @@ def retrain(
         "data_digest": data_digest(samples),
         "generator_presets": presets,
         "preset_calibration": calibration_report,
+        "concepts": list(model.concept_head.names) if model.concept_head is not None else [],
         "metrics": metrics,
         "retrain": {**asdict(config), "steps": steps, "stages": list(stages)},
         "created_at": utc_now().isoformat(),
@@ -321,6 +333,40 @@ def retrain(
     }
     store.write_model(version, model_bytes(model, checkpoint_meta), meta)
     return next(m for m in store.model_metas() if int(m["version"]) == version)
+
+
+def fit_concepts(
+    model: Sam,
+    samples: list[dict[str, Any]],
+    config: RetrainConfig,
+    concept_config: ConceptTrainingConfig | None = None,
+) -> dict[str, Any]:
+    """Train ``model.concept_head`` (in place) on the categories of the training masks
+    (``engine.training.concepts``); returns its figures (numbers). A training
+    set without categories leaves the model's head as it was and returns ``{}``."""
+    concept_config = concept_config or ConceptTrainingConfig(seed=config.seed)
+    labelled = [s for s in samples if any(s.get("categories") or [])]
+    if not labelled:
+        return {}
+    # At most max_images, spread evenly over the (id-sorted) images, so a retrain's cost is
+    # bounded whatever the store's size.
+    stride = max(1, math.ceil(len(labelled) / concept_config.max_images))
+    chosen = labelled[::stride][: concept_config.max_images]
+    started = time.perf_counter()
+    images = [load_image(s["uri"], exif_transpose=False) for s in chosen]
+    was_training = model.training
+    model.eval()
+    examples = concept_examples(model, chosen, images, concept_config)
+    model.train(was_training)
+    if not (examples.labels >= 0).any():
+        return {}
+    head, figures = train_concept_head(examples, concept_config)
+    model.concept_head = head.to(model.device)
+    return {
+        **figures,
+        "concept_images": examples.images,
+        "concept_seconds": time.perf_counter() - started,
+    }
 
 
 def _fit(

@@ -21,6 +21,9 @@ from pycocotools import mask as mask_utils
 # COCO categories of write_coco: whole objects and their parts.
 CATEGORY_OBJECT = 1
 CATEGORY_PART = 2
+# The kinds of object a scene paints, by name: with ``write_coco(kinds=True)`` each is a
+# category of its own (ids 1..8, parts 9), so that concepts have names to learn.
+KINDS = ("blob", "ellipse", "rect", "polygon", "fruit", "stack", "target", "mug")
 
 
 def photo_like(height: int = 480, width: int = 640, seed: int = 0) -> np.ndarray:
@@ -56,11 +59,13 @@ class Scene:
             painting order (later objects lie on top); objects hidden entirely are left out.
         parts: for each instance, a (P, H, W) bool array of its visible parts; P = 0 for objects
             of one piece. Parts of an object are disjoint and their union is the object's mask.
+        kinds: for each instance, its kind of object (one of :data:`KINDS`).
     """
 
     image: np.ndarray
     instances: np.ndarray
     parts: list[np.ndarray] = field(default_factory=list)
+    kinds: list[str] = field(default_factory=list)
 
     def all_masks(self, min_area: int = 1) -> np.ndarray:
         """(M, H, W) bool: every instance and every part mask of at least ``min_area`` pixels."""
@@ -95,12 +100,14 @@ def scene(
     object_map = np.zeros((height, width), dtype=np.int32)
     part_map = np.zeros((height, width), dtype=np.int32)
     part_owner: list[int] = []  # part id - 1 -> object id
+    object_kinds: dict[int, str] = {}
     n_objects = int(rng.integers(objects[0], objects[1] + 1))
     scale = min(height, width)
     for object_id in range(1, n_objects + 1):
         cy, cx = rng.uniform(0.1, 0.9) * height, rng.uniform(0.1, 0.9) * width
         size = rng.uniform(0.06, 0.2) * scale
-        part_masks = _object_parts(rng, yy, xx, cy, cx, size)
+        kind, part_masks = _object_parts(rng, yy, xx, cy, cx, size)
+        object_kinds[object_id] = kind
         whole = np.logical_or.reduce(part_masks)
         if not whole.any():
             continue
@@ -114,7 +121,7 @@ def scene(
     image += rng.normal(0.0, 2.5, size=image.shape).astype(np.float32)
     image = np.clip(image, 0, 255).astype(np.uint8)
 
-    instances, parts = [], []
+    instances, parts, kinds = [], [], []
     for object_id in range(1, n_objects + 1):
         visible = object_map == object_id
         if not visible.any():
@@ -123,10 +130,11 @@ def scene(
         own_parts = [part_map == p for p in own] if len(own) > 1 else []
         own_parts = [p for p in own_parts if p.any()]
         instances.append(visible)
+        kinds.append(object_kinds[object_id])
         # An object whose other parts are all hidden shows as one piece.
         parts.append(np.stack(own_parts) if len(own_parts) > 1 else _no_parts(height, width))
     stacked = np.stack(instances) if instances else np.zeros((0, height, width), dtype=bool)
-    return Scene(image=image, instances=stacked, parts=parts)
+    return Scene(image=image, instances=stacked, parts=parts, kinds=kinds)
 
 
 def write_coco(
@@ -137,13 +145,15 @@ def write_coco(
     width: int = 512,
     parts: bool = True,
     min_area: int = 64,
+    kinds: bool = False,
 ) -> Path:
     """Write ``count`` scenes as a COCO dataset: ``folder/images/NNNNNN.png`` and
     ``folder/instances.json``.
 
     Scene ``i`` uses seed ``seed + i``. Annotations are compressed RLE; category 1 is a whole
     object, category 2 a part (with ``parent_id``, the annotation id of its object); masks below
-    ``min_area`` pixels are left out. ``bbox`` is XYWH.
+    ``min_area`` pixels are left out. ``bbox`` is XYWH. With ``kinds``, whole objects are
+    categorised by their kind instead (:data:`KINDS`, ids 1..8, parts 9).
 
     Returns:
         The path of the instances JSON.
@@ -153,29 +163,38 @@ def write_coco(
     folder = Path(folder)
     (folder / "images").mkdir(parents=True, exist_ok=True)
     images, annotations = [], []
+    part_category = len(KINDS) + 1 if kinds else CATEGORY_PART
     for index in range(count):
         generated = scene(height, width, seed=seed + index)
         file_name = f"{index:06d}.png"
         cv2.imwrite(str(folder / "images" / file_name), generated.image[:, :, ::-1])
         images.append({"id": index, "file_name": file_name, "height": height, "width": width})
-        for instance, instance_parts in zip(generated.instances, generated.parts, strict=True):
+        for instance, instance_parts, kind in zip(
+            generated.instances, generated.parts, generated.kinds, strict=True
+        ):
             if instance.sum() < min_area:
                 continue
-            parent = _annotation(len(annotations) + 1, index, instance, CATEGORY_OBJECT)
+            category = KINDS.index(kind) + 1 if kinds else CATEGORY_OBJECT
+            parent = _annotation(len(annotations) + 1, index, instance, category)
             annotations.append(parent)
             for part in instance_parts if parts else ():
                 if part.sum() >= min_area:
-                    entry = _annotation(len(annotations) + 1, index, part, CATEGORY_PART)
+                    entry = _annotation(len(annotations) + 1, index, part, part_category)
                     entry["parent_id"] = parent["id"]
                     annotations.append(entry)
+    categories = [
+        {"id": CATEGORY_OBJECT, "name": "object", "supercategory": "object"},
+        {"id": CATEGORY_PART, "name": "part", "supercategory": "object"},
+    ]
+    if kinds:
+        categories = [
+            {"id": i + 1, "name": name, "supercategory": "object"} for i, name in enumerate(KINDS)
+        ] + [{"id": part_category, "name": "part", "supercategory": "object"}]
     dataset = {
         "info": {"description": f"maskmill synthetic scenes, seeds {seed}..{seed + count - 1}"},
         "images": images,
         "annotations": annotations,
-        "categories": [
-            {"id": CATEGORY_OBJECT, "name": "object", "supercategory": "object"},
-            {"id": CATEGORY_PART, "name": "part", "supercategory": "object"},
-        ],
+        "categories": categories,
     }
     path = folder / "instances.json"
     path.write_text(json.dumps(dataset))
@@ -265,10 +284,11 @@ def _polygon(rng, height, width, cy, cx, radius) -> np.ndarray:
     return canvas.astype(bool)
 
 
-def _object_parts(rng, yy, xx, cy, cx, size) -> list[np.ndarray]:
-    """Disjoint (H, W) bool masks of one object's parts, painted in order (later on top)."""
+def _object_parts(rng, yy, xx, cy, cx, size) -> tuple[str, list[np.ndarray]]:
+    """The object's kind (:data:`KINDS`) and disjoint (H, W) bool masks of its parts, painted in
+    order (later on top)."""
     height, width = yy.shape
-    kind = rng.choice(["blob", "ellipse", "rect", "polygon", "fruit", "stack", "target", "mug"])
+    kind = str(rng.choice(list(KINDS)))
     if kind == "blob":
         shapes = [_blob(rng, yy, xx, cy, cx, size)]
     elif kind == "ellipse":
@@ -311,7 +331,7 @@ def _object_parts(rng, yy, xx, cy, cx, size) -> list[np.ndarray]:
     for shape in shapes:
         parts = [p & ~shape for p in parts]
         parts.append(shape)
-    return [p for p in parts if p.any()]
+    return kind, [p for p in parts if p.any()]
 
 
 def _cast_shadow(rng: np.random.Generator, image: np.ndarray, mask: np.ndarray, size: float):

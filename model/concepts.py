@@ -1,0 +1,136 @@
+"""Every instance of a concept in an image: grid candidates scored by the concept head.
+
+The candidates are the automatic generator's (a grid of point prompts, three masks per point),
+kept loosely (:data:`CANDIDATE_OPTIONS`), because here the concept score, not the predicted
+IoU alone, decides which survive. Each candidate is scored against the concepts by the model's
+:class:`~maskmill.model.concept_head.ConceptHead`, and duplicates of one concept are removed by
+NMS on that score, after scoring, so a confident union of two objects cannot suppress one of
+them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from pycocotools import mask as mask_utils
+from torchvision.ops import batched_nms
+
+from .concept_head import ConceptHead, mask_pooled_features
+from .mask_generator import MaskGenerator
+from .predictor import ImageEmbedding
+from .sam import Sam
+
+# Generator settings for concept candidates: SAM's grid of 32 x 32 would cost four times the
+# decoder work for little more recall on a CPU; no NMS here (the concept score decides, see the
+# module doc); thresholds well below any preset, so an object the model draws at all survives.
+CANDIDATE_OPTIONS: dict[str, Any] = {
+    "points_per_side": 16,
+    "pred_iou_thresh": 0.1,
+    "stability_score_thresh": 0.3,
+    "box_nms_thresh": 1.0,
+}
+CONCEPT_NMS_THRESH = 0.5  # box IoU above which two masks of one concept are one instance
+DECODE_CHUNK = 64  # masks decoded to full resolution at a time (bounds memory)
+
+
+def require_concept_head(model: Sam) -> ConceptHead:
+    """The model's concept head.
+
+    Raises:
+        ValueError: the model has none, saying how one is made.
+    """
+    head = getattr(model, "concept_head", None)
+    if head is None:
+        raise ValueError(
+            "this model has no concept head: retrain it on a store whose masks have "
+            "categories (`maskmill run`, or import-coco then retrain) to learn concepts"
+        )
+    return head
+
+
+def candidate_generator(model: Sam, **overrides: Any) -> MaskGenerator:
+    """The generator of concept candidates (:data:`CANDIDATE_OPTIONS`, then ``overrides``)."""
+    return MaskGenerator(model, **{**CANDIDATE_OPTIONS, **overrides})
+
+
+@torch.inference_mode()
+def candidate_features(
+    model: Sam, embedding: ImageEmbedding, segmentations: Sequence[dict[str, Any]]
+) -> torch.Tensor:
+    """(N, 2C) :func:`mask_pooled_features` of N COCO-RLE masks on the embedded image."""
+    head_input = []
+    for start in range(0, len(segmentations), DECODE_CHUNK):
+        chunk = list(segmentations[start : start + DECODE_CHUNK])
+        masks = torch.from_numpy(np.ascontiguousarray(mask_utils.decode(chunk).transpose(2, 0, 1)))
+        head_input.append(
+            mask_pooled_features(embedding.features, masks, embedding.input_size, model.image_size)
+        )
+    if not head_input:
+        channels = embedding.features.shape[1]
+        return torch.zeros((0, 2 * channels))
+    return torch.cat(head_input)
+
+
+@torch.inference_mode()
+def find_instances(
+    model: Sam,
+    embedding: ImageEmbedding,
+    concepts: Sequence[str] | None = None,
+    threshold: float | None = None,
+    generator: MaskGenerator | None = None,
+    nms_thresh: float = CONCEPT_NMS_THRESH,
+) -> list[dict[str, Any]]:
+    """Every instance of ``concepts`` in the embedded image.
+
+    Args:
+        model: a model with a concept head.
+        embedding: the image (``Predictor.image_embedding``).
+        concepts: names to look for (compared case-insensitively); None: all the head knows.
+        threshold: lowest score reported; None: the head's own (chosen when it was trained);
+            0 reports every candidate's best concept (what average precision wants).
+        generator: candidate generator (default :func:`candidate_generator`).
+        nms_thresh: box IoU above which two masks of one concept are the same instance.
+
+    Returns:
+        SA-1B records (``segmentation`` RLE, ``area``, ``bbox`` XYWH, ``predicted_iou``,
+        ``stability_score``, ``point_coords``, ``crop_box``) plus ``category`` (the concept's
+        name as the head knows it), ``category_id`` (the store's id, or None) and ``score``
+        (the concept score in [0, 1]), by score, highest first. A mask is reported once, for
+        its best-scoring concept.
+
+    Raises:
+        ValueError: the model has no concept head. KeyError: a concept it does not know.
+    """
+    head = require_concept_head(model)
+    columns = [head.index(name) for name in concepts] if concepts else list(range(len(head.names)))
+    columns = list(dict.fromkeys(columns))
+    threshold = head.threshold if threshold is None else float(threshold)
+    generator = generator or candidate_generator(model)
+    candidates = generator.generate_embedded(embedding)
+    if not candidates:
+        return []
+    features = candidate_features(model, embedding, [c["segmentation"] for c in candidates])
+    scores = head.scores(features.to(model.device))[:, columns].float().cpu()  # (N, K')
+    best, which = scores.max(dim=1)
+    keep = torch.nonzero(best >= threshold).flatten()
+    if keep.numel() == 0:
+        return []
+    boxes = torch.tensor([candidates[i]["bbox"] for i in keep.tolist()], dtype=torch.float32)
+    boxes[:, 2:] += boxes[:, :2]  # XYWH -> XYXY
+    kept = batched_nms(boxes, best[keep], which[keep], nms_thresh)
+    out = []
+    for position in kept.tolist():
+        index = int(keep[position])
+        column = columns[int(which[index])]
+        out.append(
+            {
+                **candidates[index],
+                "category": head.names[column],
+                "category_id": head.category_ids[column],
+                "score": float(best[index]),
+            }
+        )
+    return out
