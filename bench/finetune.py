@@ -26,7 +26,15 @@ from maskmill.engine.training.retrain import RetrainConfig, retrain
 from maskmill.model import load_checkpoint, load_model
 from maskmill.storage import Store, import_coco
 
-KEYS = ("one_click_miou_best", "one_click_miou_top1", "noc85", "noc90", "box_miou", "ar100")
+KEYS = (
+    "one_click_miou_best",
+    "one_click_miou_top1",
+    "noc85",
+    "noc90",
+    "box_miou",
+    "box_prompt_ap",
+    "ar100",
+)
 
 
 def split_coco(annotations: str, train_images: int, folder: str) -> tuple[str, str]:

@@ -12,6 +12,11 @@ Interactive metrics, per ground-truth mask, from simulated clicks:
   prompts (single-mask output).
 * box mIoU: the mask's bounding box as the prompt, single-mask output.
 
+Box-prompt mask AP (the SAM paper's protocol, ground-truth boxes standing in for a detector):
+the box prompt's masks above, each scored by its predicted IoU and labelled with its ground
+truth's category, scored by pycocotools COCOeval, segm, per category (``useCats = 1``): AP
+(IoU 0.50:0.95), AP50, AP75, and AP / AP50 of each category.
+
 Automatic metric: the ``MaskGenerator``'s proposals (``PROPOSAL_OPTIONS``) scored by pycocotools
 COCOeval, segm, class-agnostic (``useCats = 0``), AR@100 and AR@1000 averaged over IoU
 0.50:0.95.
@@ -35,6 +40,7 @@ from pycocotools.cocoeval import COCOeval
 
 from maskmill.model import Predictor, Sam
 from maskmill.model.mask_generator import MaskGenerator
+from maskmill.storage import rle
 from maskmill.storage.images import load_image
 
 MAX_CLICKS = 20
@@ -50,6 +56,9 @@ METRIC_KEYS = (
     "noc85",
     "noc90",
     "box_miou",
+    "box_prompt_ap",
+    "box_prompt_ap50",
+    "box_prompt_ap75",
     "ar100",
     "ar1000",
 )
@@ -99,12 +108,16 @@ def mask_ious(predicted: np.ndarray, target: np.ndarray) -> np.ndarray:
 
 @dataclass
 class InteractiveResult:
-    """Per-mask interactive results of one image, each (M,)."""
+    """Per-mask interactive results of one image, each (M,): ``box`` is the IoU of the
+    box-prompt mask, ``box_rles`` those masks (COCO compressed RLE, counts str) and
+    ``box_scores`` their predicted IoU."""
 
     one_click_best: np.ndarray
     one_click_top1: np.ndarray
     noc: dict[float, np.ndarray]
     box: np.ndarray
+    box_rles: list[dict[str, Any]]
+    box_scores: np.ndarray
 
 
 @torch.inference_mode()
@@ -137,6 +150,8 @@ def evaluate_interactive(
         one_click_top1=np.concatenate([p.one_click_top1 for p in parts]),
         noc={t: np.concatenate([p.noc[t] for p in parts]) for t in thresholds},
         box=np.concatenate([p.box for p in parts]),
+        box_rles=[r for p in parts for r in p.box_rles],
+        box_scores=np.concatenate([p.box_scores for p in parts]),
     )
 
 
@@ -179,9 +194,13 @@ def _interactive_chunk(
         current_iou[active] = mask_ious(current[active], masks[active])
         logits[torch.as_tensor(active)] = low_a
     boxes = np.array([_mask_box(m) for m in masks], dtype=np.float32)
-    out_box, _, _ = predictor.predict_batch(boxes=boxes, multimask_output=False)
-    box_iou = mask_ious(out_box[:, 0].cpu().numpy(), masks)
-    return InteractiveResult(one_click_best, one_click_top1, noc, box_iou)
+    out_box, box_scores, _ = predictor.predict_batch(boxes=boxes, multimask_output=False)
+    box_masks = out_box[:, 0].cpu().numpy()
+    box_iou = mask_ious(box_masks, masks)
+    # Kept as RLE for box-prompt AP (COCOeval), so the box prompts are predicted once.
+    box_rles = [rle.encode(m) for m in box_masks]
+    scores = box_scores[:, 0].float().cpu().numpy()
+    return InteractiveResult(one_click_best, one_click_top1, noc, box_iou, box_rles, scores)
 
 
 def _mask_box(mask: np.ndarray) -> tuple[float, float, float, float]:
@@ -214,6 +233,49 @@ def average_recall(
         r = recall[:, 0, 0, index]
         values[name] = float(r[r > -1].mean()) if (r > -1).any() else 0.0
     return values
+
+
+def box_prompt_ap(gt: COCO, results: list[dict[str, Any]], image_ids: list[int]) -> dict[str, Any]:
+    """Mask AP of box-prompt masks by COCOeval (segm, per category: ``useCats = 1``).
+
+    ``results`` are COCO results: ``image_id``, ``category_id``, ``segmentation`` (RLE),
+    ``score``. Returns ``box_prompt_ap`` (IoU 0.50:0.95), ``box_prompt_ap50``,
+    ``box_prompt_ap75`` (NaN without results) and ``box_prompt_ap_per_category``: ``{name:
+    {"ap", "ap50"}}`` for each category with ground truth among ``image_ids`` (100 detections
+    per image, all areas).
+    """
+    nan = float("nan")
+    out: dict[str, Any] = {
+        "box_prompt_ap": nan,
+        "box_prompt_ap50": nan,
+        "box_prompt_ap75": nan,
+        "box_prompt_ap_per_category": {},
+    }
+    if not results:
+        return out
+    dt = _quiet(lambda: gt.loadRes(results))
+    evaluator = COCOeval(gt, dt, "segm")
+    evaluator.params.imgIds = list(image_ids)
+    _quiet(evaluator.evaluate)
+    _quiet(evaluator.accumulate)
+    _quiet(evaluator.summarize)
+    for key, value in zip(("ap", "ap50", "ap75"), evaluator.stats[:3], strict=True):
+        out[f"box_prompt_{key}"] = float(value) if value > -1 else nan  # -1: no ground truth
+    # (T IoU thresholds, R recall points, K categories, A areas (all first), M max dets).
+    precision = evaluator.eval["precision"]
+    per_category: dict[str, dict[str, float]] = {}
+    for k, category_id in enumerate(evaluator.params.catIds):
+        every, at50 = precision[:, :, k, 0, -1], precision[0, :, k, 0, -1]
+        if not (every > -1).any():
+            continue  # no ground truth of this category among the images
+        name = str(gt.cats[category_id].get("name", category_id))
+        name = f"{name} ({category_id})" if name in per_category else name
+        per_category[name] = {
+            "ap": float(every[every > -1].mean()),
+            "ap50": float(at50[at50 > -1].mean()),
+        }
+    out["box_prompt_ap_per_category"] = per_category
+    return out
 
 
 def _quiet(function) -> Any:
@@ -275,8 +337,10 @@ def evaluate_coco(
 
     Returns:
         ``one_click_miou_best``, ``one_click_miou_top1``, ``noc85``, ``noc90``, ``box_miou``,
-        ``ar100``, ``ar1000`` (floats) and ``images``, ``masks`` (counts). Crowd annotations are
-        not prompted (COCOeval treats them as crowd regions).
+        ``box_prompt_ap``, ``box_prompt_ap50``, ``box_prompt_ap75``, ``ar100``, ``ar1000``
+        (floats), ``box_prompt_ap_per_category`` (``{name: {"ap", "ap50"}}``, see
+        :func:`box_prompt_ap`) and ``images``, ``masks`` (counts). Crowd annotations are not
+        prompted (COCOeval treats them as crowd regions).
     """
     from tqdm import tqdm
 
@@ -285,6 +349,7 @@ def evaluate_coco(
     generator = MaskGenerator(model, points_per_side=points_per_side, **PROPOSAL_OPTIONS)
     per_mask: list[InteractiveResult] = []
     detections: list[dict[str, Any]] = []
+    box_results: list[dict[str, Any]] = []  # the box prompts' masks, as COCO results
     for image_id in tqdm(image_ids, disable=not progress, unit="img"):
         info = gt.imgs[image_id]
         image = load_image(str(Path(images) / info["file_name"]))
@@ -294,12 +359,24 @@ def evaluate_coco(
                 f"annotations say {info['width']}x{info['height']}"
             )
         anns = [a for a in gt.imgToAnns[image_id] if not a.get("iscrowd", 0)]
-        masks = [gt.annToMask(a).astype(bool) for a in anns]
-        masks = [m for m in masks if m.any()]
+        pairs = [(a, gt.annToMask(a).astype(bool)) for a in anns]
+        pairs = [(a, m) for a, m in pairs if m.any()]
         with torch.inference_mode():
             predictor.set_image(image)
-        if masks:
-            per_mask.append(evaluate_interactive(predictor, np.stack(masks)))
+        if pairs:
+            result = evaluate_interactive(predictor, np.stack([m for _, m in pairs]))
+            per_mask.append(result)
+            for (ann, _), segmentation, score in zip(
+                pairs, result.box_rles, result.box_scores, strict=True
+            ):
+                box_results.append(
+                    {
+                        "image_id": image_id,
+                        "category_id": ann["category_id"],
+                        "segmentation": segmentation,
+                        "score": float(score),
+                    }
+                )
         for record in generator.generate(image):
             detections.append(
                 {
@@ -316,6 +393,7 @@ def evaluate_coco(
         metrics["noc85"] = _mean(per_mask, lambda r: r.noc[0.85])
         metrics["noc90"] = _mean(per_mask, lambda r: r.noc[0.90])
         metrics["box_miou"] = _mean(per_mask, lambda r: r.box)
+    metrics.update(box_prompt_ap(gt, box_results, image_ids))
     metrics.update(average_recall(gt, detections, image_ids))
     metrics["images"] = len(image_ids)
     metrics["masks"] = masks_count
@@ -334,19 +412,29 @@ def format_table(metrics: dict[str, Any]) -> str:
         "noc85": "NoC@85 (max 20)",
         "noc90": "NoC@90 (max 20)",
         "box_miou": "box mIoU",
+        "box_prompt_ap": "box-prompt mask AP (GT boxes)",
+        "box_prompt_ap50": "box-prompt mask AP50",
+        "box_prompt_ap75": "box-prompt mask AP75",
+        "box_prompt_ap_per_category": "",  # a line per category, below
         "ar100": "AR@100 (generator, class-agnostic)",
         "ar1000": "AR@1000 (generator, class-agnostic)",
         "images": "images",
         "masks": "masks",
     }
-    width = max(len(v) for v in labels.values())
-    lines = [f"{'metric':<{width}}  value", f"{'-' * width}  ------"]
+    rows: list[tuple[str, str]] = []
     for key, label in labels.items():
         value = metrics.get(key)
+        if key == "box_prompt_ap_per_category":
+            for name, ap in (value or {}).items():
+                rows.append((f"  AP / AP50 of {name}", f"{ap['ap']:.3f} / {ap['ap50']:.3f}"))
+            continue
         text = f"{value:.2f}" if key.startswith("noc") else f"{value:.3f}"
         if key in ("images", "masks"):
             text = str(value)
-        lines.append(f"{label:<{width}}  {text}")
+        rows.append((label, text))
+    width = max(len(label) for label, _ in rows)
+    lines = [f"{'metric':<{width}}  value", f"{'-' * width}  ------"]
+    lines += [f"{label:<{width}}  {text}" for label, text in rows]
     return "\n".join(lines)
 
 

@@ -196,6 +196,27 @@ def current_model(store: Store | str) -> dict[str, Any]:
     return metas[-1]
 
 
+def concept_model(store: Store | str) -> dict[str, Any]:
+    """Meta of the store's model for concept prompts: :func:`current_model` when it has a
+    concept head, else the newest version that has one (a retrain whose weights were not
+    promoted still learned the store's concepts; meta ``concepts`` lists them).
+
+    Raises:
+        ValueError: no version of the store has learned concepts.
+    """
+    store = (Store(store) if isinstance(store, str) else store).require()
+    current = current_model(store)
+    if current.get("concepts"):
+        return current
+    learned = [m for m in store.model_metas() if m.get("concepts")]
+    if not learned:
+        raise ValueError(
+            f"{store.url}: no model version has learned concepts; retrain on masks with "
+            "categories (import-coco with categories, or categories given while annotating)"
+        )
+    return learned[-1]
+
+
 def evaluate_heldout(
     store: Store, plan: Plan, model: torch.nn.Module, progress: bool = False
 ) -> dict[str, float]:

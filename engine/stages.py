@@ -35,6 +35,7 @@ import torch
 from maskmill.engine.annotators import Annotation, Annotator
 from maskmill.engine.plan import Plan
 from maskmill.model import MaskGenerator, Predictor, Sam, load_checkpoint
+from maskmill.model.concepts import label_records
 from maskmill.storage import ClaimLostError, ImageDoneError, StageWriter, Store
 from maskmill.storage.images import BadImageError, ImageInfo, load_stored_image
 from maskmill.storage.queries import existing_masks, stage_figures
@@ -197,12 +198,9 @@ def _annotate(
     image = read_stored_image(writer, info)
     if image is None:
         return None
-    prefill: list[dict[str, Any]] = []
     try:
         with torch.inference_mode():
-            if generator is not None:
-                prefill = [{**r, "source": "model"} for r in generator.generate(image)]
-            predictor.set_image(image)
+            prefill = encode_and_prefill(predictor, generator, image)
             annotation = annotator.annotate(
                 info.image_id,
                 image,
@@ -223,6 +221,25 @@ def _annotate(
     for index, record in enumerate(records):
         record.update(image_id=info.image_id, index=index)
     return records, annotation
+
+
+def encode_and_prefill(
+    predictor: Predictor, generator: MaskGenerator | None, image: np.ndarray
+) -> list[dict[str, Any]]:
+    """Make ``image`` the predictor's current image and return the pre-fill of the semi stage
+    (none without a ``generator``): its masks, source ``model``, each labelled with its concept
+    where the model has a concept head sure of one (``model.concepts.label_records``), so
+    pre-filled masks arrive with categories. The image is encoded once for both."""
+    predictor.set_image(image)
+    if generator is None:
+        return []
+    embedding = predictor.image_embedding
+    if generator.crop_n_layers == 0:
+        records = generator.generate_embedded(embedding)
+    else:  # crops need encodings of their own
+        records = generator.generate(image)
+    labelled = label_records(predictor.model, embedding, records)
+    return [{**record, "source": "model"} for record in labelled]
 
 
 def fully_automatic(

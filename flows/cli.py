@@ -16,6 +16,7 @@ COMMAND_MODULES = [
     "maskmill.flows.cli_engine",
     "maskmill.flows.cli_serve",
     "maskmill.flows.cli_users",
+    "maskmill.flows.cli_boxes",
 ]
 
 

@@ -90,9 +90,9 @@ def run_segment(args: argparse.Namespace) -> int:
     # The image first: a bad file is refused before the model is loaded.
     image = load_image(args.image) if args.image else photo_like(480, 640, seed=args.seed)
     if args.store:
-        from maskmill.engine.plan import current_model
+        from maskmill.engine.plan import concept_model, current_model
 
-        meta = current_model(args.store)
+        meta = concept_model(args.store) if args.text else current_model(args.store)
         model, model_name = load_model(meta["uri"])
         model_name = f"{args.store} v{meta['version']}"
     elif args.checkpoint or has_default():

@@ -35,6 +35,12 @@ def _register_scenes(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--size", type=int, default=512, help="scene side in pixels (512)")
     parser.add_argument("--no-parts", action="store_true", help="whole objects only")
+    parser.add_argument(
+        "--kinds",
+        action="store_true",
+        help="categorise objects by kind (blob, ellipse, rect, polygon, fruit, stack, target, "
+        "mug), each painted in its kind's colour: named concepts to learn",
+    )
     parser.set_defaults(handler=run_scenes)
 
 
@@ -46,7 +52,13 @@ def run_scenes(args: argparse.Namespace) -> int:
         raise ValueError("--count must be >= 1 and --size >= 32")
     seed = args.seed + (HELD_OUT_SEED if args.held_out else 0)
     path = write_coco(
-        args.out, args.count, seed=seed, height=args.size, width=args.size, parts=not args.no_parts
+        args.out,
+        args.count,
+        seed=seed,
+        height=args.size,
+        width=args.size,
+        parts=not args.no_parts,
+        kinds=args.kinds,
     )
     print(f"wrote {args.count} scenes (seeds {seed}..{seed + args.count - 1}) and {path}")
     return 0
@@ -155,7 +167,9 @@ def _register_eval(subparsers: argparse._SubParsersAction) -> None:
         "eval",
         help="interactive and automatic segmentation metrics on a COCO dataset",
         description=(
-            "1-click mIoU (best of 3 and IoU-head top-1), NoC@85/90, box mIoU and the automatic "
+            "1-click mIoU (best of 3 and IoU-head top-1), NoC@85/90, box mIoU, box-prompt "
+            "mask AP / AP50 / AP75 overall and per category (ground-truth boxes as the "
+            "detector, scored by their predicted IoU; pycocotools segm) and the automatic "
             "generator's AR@100/AR@1000 (pycocotools, class-agnostic) on a COCO dataset."
         ),
     )

@@ -134,3 +134,32 @@ def find_instances(
             }
         )
     return out
+
+
+@torch.inference_mode()
+def label_records(
+    model: Sam,
+    embedding: ImageEmbedding,
+    records: Sequence[dict[str, Any]],
+    threshold: float | None = None,
+) -> list[dict[str, Any]]:
+    """Copies of mask ``records`` of the embedded image, each labelled with the concept head's
+    best concept where its score reaches ``threshold`` (None: the head's own): ``category``,
+    ``category_id`` and ``score`` set. Records the head is not sure of, and all of them when the
+    model has no concept head, are returned unlabelled. A record that already has a category
+    keeps it."""
+    out = [dict(record) for record in records]
+    head = getattr(model, "concept_head", None)
+    if head is None or not out:
+        return out
+    threshold = head.threshold if threshold is None else float(threshold)
+    features = candidate_features(model, embedding, [r["segmentation"] for r in out])
+    best, which = head.scores(features.to(model.device)).float().cpu().max(dim=1)
+    for record, score, column in zip(out, best.tolist(), which.tolist(), strict=True):
+        if score >= threshold and record.get("category") is None:
+            record.update(
+                category=head.names[column],
+                category_id=head.category_ids[column],
+                score=float(score),
+            )
+    return out

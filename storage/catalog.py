@@ -48,13 +48,39 @@ class Catalog:
         if not self.store.local:
             self.con.register_filesystem(self.store.fs)
         for table in TABLES:
-            self.con.execute(f"CREATE VIEW {table} AS {self._source(table)}")
+            try:
+                self.con.execute(f"CREATE VIEW {table} AS {self._source(table)}")
+            except duckdb.BinderException:
+                # A column added to the schema after every shard was written: union_by_name
+                # cannot fill what no shard has, so the view gives it as null. Looked up only
+                # then (it reads every shard's footer a second time).
+                present = self.columns(table)
+                self.con.execute(f"CREATE VIEW {table} AS {self._source(table, present)}")
 
-    def _source(self, table: str) -> str:
-        """SELECT over a table's shards, or over an empty table of its schema when it has none."""
+    def columns(self, table: str) -> set[str]:
+        """Names of the columns a table's shards hold (any shard): a column of the schema
+        added after every shard was written is missing here (and null in the view)."""
+        if not self.store.shards(table):
+            return set(SCHEMAS[table].names)
+        rows = self.con.execute(f"DESCRIBE SELECT * FROM {self.scan(table)}").fetchall()
+        return {row[0] for row in rows}
+
+    def _source(self, table: str, present: set[str] | None = None) -> str:
+        """SELECT over a table's shards, or over an empty table of its schema when it has none;
+        schema columns not in ``present`` (when given) are null of their type."""
         schema = SCHEMAS[table]
+        self.con.register(f"_empty_{table}", schema.empty_table())
+        missing = {f.name for f in schema} - present if present is not None else set()
+        types: dict[str, str] = {}
+        if missing:
+            rows = self.con.execute(f"DESCRIBE SELECT * FROM _empty_{table}").fetchall()
+            types = {name: kind for name, kind, *_ in rows}
         columns = ", ".join(
-            f'"{f.name}"::{_CASTS[f.type]} AS "{f.name}"' if f.type in _CASTS else f'"{f.name}"'
+            f'NULL::{types[f.name]} AS "{f.name}"'
+            if f.name in missing
+            else f'"{f.name}"::{_CASTS[f.type]} AS "{f.name}"'
+            if f.type in _CASTS
+            else f'"{f.name}"'
             for f in schema
         )
         if table == "models":
@@ -62,7 +88,6 @@ class Catalog:
             self.con.register("_models_rows", pa.Table.from_pylist(rows, MODELS))
             return f"SELECT {columns} FROM _models_rows"
         if not self.store.shards(table):
-            self.con.register(f"_empty_{table}", schema.empty_table())
             return f"SELECT {columns} FROM _empty_{table}"
         source = self.scan(table)
         if table == "images":

@@ -305,7 +305,7 @@ def _refuse_other_ground_truth(store: Store, key: str, names: dict[str, str]) ->
 _EXPORT_COLUMNS = (
     "m.mask_id, m.image_id, m.round, m.stage, m.source, m.segmentation, m.height, m.width, "
     "m.area, m.bbox, m.predicted_iou, m.stability_score, m.point_coords, m.crop_box, "
-    "m.category_id, m.category, m.iscrowd"
+    "m.category_id, m.category, m.iscrowd, {score}"
 )
 
 
@@ -324,8 +324,11 @@ def _export_rows(
     masks = reviewed_masks(
         f"(SELECT *, filename AS _file, file_row_number AS _row FROM {scan})", rule
     )
+    # Shards written before the score column hold none: null, as the masks view reads it.
+    score = "m.score" if "score" in catalog.columns("masks") else "NULL::FLOAT AS score"
     query = (
-        f"SELECT {_EXPORT_COLUMNS}, i.uri, i.width AS image_width, i.height AS image_height "
+        f"SELECT {_EXPORT_COLUMNS.format(score=score)}, i.uri, "
+        "i.width AS image_width, i.height AS image_height "
         f"FROM {masks} m "
         "JOIN images i USING (image_id) "
         + (f"WHERE {where} " if where else "")
@@ -361,6 +364,15 @@ def _file_names(uris: list[str]) -> dict[str, str]:
     return {u: posixpath.relpath(p, common) for u, p in zip(uris, paths, strict=True)}
 
 
+def _score(row: dict[str, Any]) -> float:
+    """An exported annotation's ``score``: the mask's own (a detection's), else its predicted
+    IoU, else 1.0 (ground truth has neither)."""
+    for name in ("score", "predicted_iou"):
+        if row[name] is not None:
+            return row[name]
+    return 1.0
+
+
 def export_coco(
     store: Store | str,
     out: str,
@@ -376,8 +388,9 @@ def export_coco(
     with verdicts gives its approved masks, one without gives all, a correction stands in for
     the mask it corrects), or ``approved`` with ``approved_only``.
 
-    Every annotation has ``score`` (the predicted IoU; 1.0 for masks without one, such as
-    ground truth), so the file also serves as a detection result for ``COCO.loadRes``. Masks
+    Every annotation has ``score``: the stored score of the detection that prompted the mask
+    (stage ``boxes``) where there is one, else the predicted IoU, else 1.0 (ground truth), so
+    the file also serves as a detection result for ``COCO.loadRes``. Masks
     without a category get the category ``object``. The images list holds every image of the
     store, or with ``keep_images_without_masks`` false only those with an exported mask; an
     image's ``id`` is the same either way (its place among all images), so two exports of a
@@ -446,7 +459,7 @@ def export_coco(
                     "area": row["area"],
                     "bbox": list(row["bbox"]),
                     "iscrowd": int(row["iscrowd"]),
-                    "score": 1.0 if row["predicted_iou"] is None else row["predicted_iou"],
+                    "score": _score(row),
                     "mask_id": row["mask_id"],
                     "round": row["round"],
                     "stage": row["stage"],

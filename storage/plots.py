@@ -219,7 +219,7 @@ _CURVES = [
         ],
     ),
 ]
-_STAGE_MARKERS = {"manual": "o", "semi": "s", "auto": "^"}
+_STAGE_MARKERS = {"manual": "o", "semi": "s", "auto": "^", "boxes": "D"}
 
 
 def plot_learning_curves(catalog: Catalog, out_dir: str) -> str:

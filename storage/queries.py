@@ -24,9 +24,9 @@ from maskmill.storage.store import Store
 # The stages a person or a model annotates: everything but imported ground truth (and ingest).
 ANNOTATION_STAGES = tuple(s for s in STAGES if s != STAGE_GT)
 
-# Masks nobody reviews: the model's own (kept semi pre-fill, the automatic stage) and ground
-# truth. Every other source is a person's (or a simulated person's) work, which review judges.
-UNREVIEWED_SOURCES = ("model", "gt")
+# Masks nobody reviews: the model's own (kept semi pre-fill, the automatic stage, prompted by
+# a detector's boxes) and ground truth. Every other source is a person's (or a simulated person's) work, which review judges.
+UNREVIEWED_SOURCES = ("model", "gt", "detector")
 # SQL condition on masks ``m``: a person's mask, which review judges.
 REVIEWABLE = "m.source NOT IN ({})".format(", ".join(f"'{s}'" for s in UNREVIEWED_SOURCES))
 # The verdict that stands for each reviewed mask: its newest one (at the same instant, the

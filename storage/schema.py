@@ -53,6 +53,9 @@ MASKS = pa.schema(
         # file survives import -> export. Model masks are class-agnostic and leave them null.
         pa.field("category_id", pa.int32()),
         pa.field("category", pa.string()),
+        # The score of the detection or concept that prompted the mask (stage ``boxes``: the
+        # detector's); null otherwise. Shards written before it read it as null.
+        pa.field("score", pa.float32()),
         pa.field("iscrowd", pa.bool_(), nullable=False),
         pa.field("created_at", TIMESTAMP, nullable=False),
     ]
@@ -144,4 +147,4 @@ DICTIONARY_COLUMNS = [
 ]
 
 STAGE_GT = "gt"
-STAGES = ("gt", "manual", "semi", "auto")
+STAGES = ("gt", "manual", "semi", "auto", "boxes")

@@ -36,6 +36,7 @@ _OPTIONAL = (
     "model_iou",
     "category_id",
     "category",
+    "score",
 )
 
 
@@ -56,10 +57,10 @@ def masks_table(
 
     A record is an SA-1B annotation dict (what ``MaskGenerator.generate`` returns) plus
     ``image_id``; it may also carry ``source``, ``model_version``, ``clicks``, ``seconds``,
-    ``category_id``, ``category``, ``iscrowd`` and ``index`` (the mask's number within its image;
-    default: its order among the image's records here). ``segmentation`` is a compressed RLE
-    (counts str or bytes). ``area`` and ``bbox`` are always recomputed from the RLE by
-    pycocotools, so they cannot disagree with it.
+    ``category_id``, ``category``, ``score``, ``iscrowd`` and ``index`` (the mask's number
+    within its image; default: its order among the image's records here). ``segmentation`` is
+    a compressed RLE (counts str or bytes). ``area`` and ``bbox`` are always recomputed from
+    the RLE by pycocotools, so they cannot disagree with it.
     """
     n = len(records)
     rles = [r["segmentation"] for r in records]

@@ -30,6 +30,7 @@ from maskmill.model.concept_head import (
     mask_pooled_features,
 )
 from maskmill.model.concepts import find_instances, require_concept_head
+from maskmill.storage.images import load_image
 
 
 def _rle(mask: np.ndarray) -> dict:
@@ -207,3 +208,71 @@ def test_find_instances_reports_each_mask_once_with_its_concept():
     with pytest.raises(UnknownConceptError):
         predictor.predict_concept("unicorn")
     assert set(KINDS) >= set(made.kinds)
+
+
+# --------------------------------------------------------------------------- end to end
+
+
+def test_import_retrain_then_segment_text_finds_a_kind_on_a_held_back_scene(
+    ray_cluster, tmp_path, capsys
+):
+    """Generated scenes whose objects are categorised by kind: import them, retrain (the
+    concept head learns the kinds), then `maskmill segment --text` on a scene kept back."""
+    import json
+
+    from maskmill.engine.plan import ensure_initial_model, make_plan
+    from maskmill.engine.training.retrain import RetrainConfig, retrain
+    from maskmill.engine.training.synthetic import write_coco
+    from maskmill.flows.cli import main
+    from maskmill.storage import Store, import_coco
+
+    train = write_coco(tmp_path / "train", 10, seed=7000, height=256, width=256, kinds=True)
+    store = Store(str(tmp_path / "store"))
+    import_coco(str(train), str(tmp_path / "train" / "images"), store)
+    plan = make_plan(store, manual_rounds=0, semi_rounds=0, auto=False, holdout=0.0)
+    base = ensure_initial_model(store, plan)
+    config = RetrainConfig(steps=2, workers=1, masks_per_image=1, encoder_blocks=0)
+    meta = retrain(store, 1, plan, base, config)
+    assert meta["concepts"] == sorted([*KINDS, "part"])
+    assert not meta["promoted"]  # no validation images: `segment --store` falls back to it
+    assert meta["metrics"]["concept_images"] == 10
+    assert meta["metrics"]["concept_loss_last"] < meta["metrics"]["concept_loss_first"]
+
+    held = write_coco(tmp_path / "held", 1, seed=7105, height=256, width=256, kinds=True)
+    dataset = json.loads(held.read_text())
+    kind_ids = {c["name"]: c["id"] for c in dataset["categories"]}
+    out = tmp_path / "found.png"
+    code = main(
+        [
+            "segment",
+            "--store",
+            store.url,
+            "--image",
+            str(tmp_path / "held/images/000000.png"),
+            "--text",
+            "mug",
+            "--threshold",
+            "0",
+            "--out",
+            str(out),
+        ]
+    )
+    assert code == 0 and out.is_file()
+    lines = capsys.readouterr().out.splitlines()
+    found = [line for line in lines if line.startswith("mug: score")]
+    assert found and lines[-1].startswith(f"{len(found)} instances")
+    truth = [
+        a["segmentation"] for a in dataset["annotations"] if a["category_id"] == kind_ids["mug"]
+    ]
+    assert truth  # the held-back scene has mugs
+    predictor = Predictor(load_checkpoint(meta["uri"]))
+    predictor.set_image(load_image(str(tmp_path / "held/images/000000.png")))
+    mugs = predictor.predict_concept("mug", threshold=0.0)
+    assert len(mugs) == len(found)
+    ious = np.asarray(mask_utils.iou([m["segmentation"] for m in mugs], truth, [0] * len(truth)))
+    # A mug of the scene is found, and among the first reports (scores rank them).
+    assert ious.max() >= 0.5, ious.max(0)
+    assert int(np.flatnonzero(ious.max(1) >= 0.5)[0]) < 3
+    # An unknown concept is one line, exit 2.
+    assert main(["segment", "--store", store.url, "--text", "unicorn"]) == 2
+    assert "unknown concept 'unicorn'" in capsys.readouterr().err

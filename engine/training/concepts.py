@@ -48,6 +48,9 @@ class ConceptTrainingConfig:
             criterion).
         negative_iou: IoU below which (to every mask) a candidate is an instance of nothing.
         max_images: most images encoded for one training (sampled evenly by id order).
+        points_per_side: candidate grid on training images, by default the one
+            ``find_instances`` uses, so the head learns on the candidates it will score (on
+            fruit photos a grid of 8 gave AP50 0.34 against 0.41 at 16).
         embed_dim: dimension of the concept space.
         hidden_dim: width of the head's hidden layer.
         seed: seed of the head's initialisation and dropout.
@@ -58,7 +61,8 @@ class ConceptTrainingConfig:
     weight_decay: float = 1e-2
     positive_iou: float = 0.5
     negative_iou: float = 0.3
-    max_images: int = 200
+    max_images: int = 64
+    points_per_side: int = 16
     embed_dim: int = 64
     hidden_dim: int = 256
     seed: int = 0
@@ -134,7 +138,7 @@ def concept_examples(
     names, category_ids = concept_vocabulary(samples)
     column = {concept_key(n): i for i, n in enumerate(names)}
     predictor = Predictor(model)
-    generator = candidate_generator(model)
+    generator = candidate_generator(model, points_per_side=config.points_per_side)
     features, labels = [], []
     used = 0
     for done, (sample, image) in enumerate(zip(samples, images, strict=True), start=1):

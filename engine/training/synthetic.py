@@ -24,6 +24,18 @@ CATEGORY_PART = 2
 # The kinds of object a scene paints, by name: with ``write_coco(kinds=True)`` each is a
 # category of its own (ids 1..8, parts 9), so that concepts have names to learn.
 KINDS = ("blob", "ellipse", "rect", "polygon", "fruit", "stack", "target", "mug")
+# With ``kind_colours``, each kind's colour (RGB), as real categories have a look of their own
+# (hazelnuts are brown); an object's own random colour still shifts it by a quarter.
+KIND_COLOURS = {
+    "blob": (200, 60, 50),
+    "ellipse": (60, 170, 70),
+    "rect": (60, 90, 200),
+    "polygon": (220, 200, 60),
+    "fruit": (150, 60, 170),
+    "stack": (60, 190, 200),
+    "target": (235, 140, 40),
+    "mug": (120, 120, 120),
+}
 
 
 def photo_like(height: int = 480, width: int = 640, seed: int = 0) -> np.ndarray:
@@ -77,7 +89,11 @@ class Scene:
 
 
 def scene(
-    height: int = 512, width: int = 512, seed: int = 0, objects: tuple[int, int] = (3, 9)
+    height: int = 512,
+    width: int = 512,
+    seed: int = 0,
+    objects: tuple[int, int] = (3, 9),
+    kind_colours: bool = False,
 ) -> Scene:
     """Paint a photo-like scene of textured objects, deterministically from ``seed``.
 
@@ -85,6 +101,8 @@ def scene(
         height, width: image size (H, W) in pixels.
         seed: the same seed gives the same image and masks.
         objects: inclusive range of how many objects to paint.
+        kind_colours: paint each object in its kind's colour (:data:`KIND_COLOURS`) instead of
+            a random one; shapes, textures and masks stay those of the same seed without.
 
     Returns:
         The :class:`Scene` with its exact instance and part masks.
@@ -113,7 +131,8 @@ def scene(
             continue
         _cast_shadow(rng, image, whole, size)
         for mask in part_masks:
-            _paint(rng, image, mask, yy, xx)
+            tint = KIND_COLOURS[kind] if kind_colours else None
+            _paint(rng, image, mask, yy, xx, tint)
             object_map[mask] = object_id
             part_owner.append(object_id)
             part_map[mask] = len(part_owner)
@@ -153,7 +172,8 @@ def write_coco(
     Scene ``i`` uses seed ``seed + i``. Annotations are compressed RLE; category 1 is a whole
     object, category 2 a part (with ``parent_id``, the annotation id of its object); masks below
     ``min_area`` pixels are left out. ``bbox`` is XYWH. With ``kinds``, whole objects are
-    categorised by their kind instead (:data:`KINDS`, ids 1..8, parts 9).
+    categorised by their kind instead (:data:`KINDS`, ids 1..8, parts 9) and painted in its
+    colour (:data:`KIND_COLOURS`).
 
     Returns:
         The path of the instances JSON.
@@ -165,7 +185,7 @@ def write_coco(
     images, annotations = [], []
     part_category = len(KINDS) + 1 if kinds else CATEGORY_PART
     for index in range(count):
-        generated = scene(height, width, seed=seed + index)
+        generated = scene(height, width, seed=seed + index, kind_colours=kinds)
         file_name = f"{index:06d}.png"
         cv2.imwrite(str(folder / "images" / file_name), generated.image[:, :, ::-1])
         images.append({"id": index, "file_name": file_name, "height": height, "width": width})
@@ -345,7 +365,14 @@ def _cast_shadow(rng: np.random.Generator, image: np.ndarray, mask: np.ndarray, 
     image *= (1.0 - rng.uniform(0.15, 0.4) * shadow)[..., None]
 
 
-def _paint(rng, image: np.ndarray, mask: np.ndarray, yy: np.ndarray, xx: np.ndarray) -> None:
+def _paint(
+    rng,
+    image: np.ndarray,
+    mask: np.ndarray,
+    yy: np.ndarray,
+    xx: np.ndarray,
+    tint: tuple[int, int, int] | None = None,
+) -> None:
     """Fill ``mask`` of the float (H, W, 3) image with a shaded, textured colour, in place."""
     rows, cols = np.nonzero(mask)
     if rows.size == 0:
@@ -354,6 +381,8 @@ def _paint(rng, image: np.ndarray, mask: np.ndarray, yy: np.ndarray, xx: np.ndar
     cy, cx = y.mean(), x.mean()
     radius = max(2.0, float(np.sqrt(rows.size / np.pi)))
     colour = rng.uniform(15, 240, size=3).astype(np.float32)
+    if tint is not None:  # drawn anyway, so the random sequence is the same with or without
+        colour = 0.75 * np.asarray(tint, np.float32) + 0.25 * colour
     # Rounded-object shading lit from one side, with a specular highlight on glossy objects.
     ly, lx = rng.uniform(-0.5, 0.5, size=2)
     d2 = ((y - cy) / radius - ly) ** 2 + ((x - cx) / radius - lx) ** 2

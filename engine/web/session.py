@@ -87,7 +87,12 @@ from PIL import Image
 
 from maskmill.engine.annotators import AnnotatedMask, Annotation, Annotator, Click
 from maskmill.engine.plan import model_for_round
-from maskmill.engine.stages import read_stored_image, stage_generator, stage_metrics
+from maskmill.engine.stages import (
+    encode_and_prefill,
+    read_stored_image,
+    stage_generator,
+    stage_metrics,
+)
 from maskmill.engine.web.lane import CLICK, EMBED, ComputeLane
 from maskmill.model import Predictor, Sam, load_model
 from maskmill.storage import (
@@ -853,11 +858,9 @@ class AnnotationSession:
             if image is None:
                 pending = pending[pending.index(image_id) + 1 :]
                 continue
-            prefill = []
             with self.lane.turn(EMBED), torch.inference_mode():
-                if self.generator is not None:
-                    prefill = [{**r, "source": "model"} for r in self.generator.generate(image)]
-                ws.predictor.set_image(image)  # the embedding: once per image
+                # The embedding: once per image, for the pre-fill and every click.
+                prefill = encode_and_prefill(ws.predictor, self.generator, image)
             existing = existing_masks(self.store, [image_id], self.round)[image_id]
             ws.open = _OpenImage(row, image, prefill, existing, self.clock())
             return
