@@ -236,20 +236,26 @@ def average_recall(
 
 
 def box_prompt_ap(gt: COCO, results: list[dict[str, Any]], image_ids: list[int]) -> dict[str, Any]:
-    """Mask AP of box-prompt masks by COCOeval (segm, per category: ``useCats = 1``).
+    """Mask AP of box-prompt masks: :func:`mask_ap` with the prefix ``box_prompt``."""
+    return mask_ap(gt, results, image_ids, "box_prompt")
+
+
+def mask_ap(
+    gt: COCO, results: list[dict[str, Any]], image_ids: list[int], prefix: str
+) -> dict[str, Any]:
+    """Mask AP by COCOeval (segm, per category: ``useCats = 1``).
 
     ``results`` are COCO results: ``image_id``, ``category_id``, ``segmentation`` (RLE),
-    ``score``. Returns ``box_prompt_ap`` (IoU 0.50:0.95), ``box_prompt_ap50``,
-    ``box_prompt_ap75`` (NaN without results) and ``box_prompt_ap_per_category``: ``{name:
-    {"ap", "ap50"}}`` for each category with ground truth among ``image_ids`` (100 detections
-    per image, all areas).
+    ``score``. Returns ``<prefix>_ap`` (IoU 0.50:0.95), ``<prefix>_ap50``, ``<prefix>_ap75``
+    (NaN without results) and ``<prefix>_ap_per_category``: ``{name: {"ap", "ap50"}}`` for
+    each category with ground truth among ``image_ids`` (100 detections per image, all areas).
     """
     nan = float("nan")
     out: dict[str, Any] = {
-        "box_prompt_ap": nan,
-        "box_prompt_ap50": nan,
-        "box_prompt_ap75": nan,
-        "box_prompt_ap_per_category": {},
+        f"{prefix}_ap": nan,
+        f"{prefix}_ap50": nan,
+        f"{prefix}_ap75": nan,
+        f"{prefix}_ap_per_category": {},
     }
     if not results:
         return out
@@ -260,7 +266,7 @@ def box_prompt_ap(gt: COCO, results: list[dict[str, Any]], image_ids: list[int])
     _quiet(evaluator.accumulate)
     _quiet(evaluator.summarize)
     for key, value in zip(("ap", "ap50", "ap75"), evaluator.stats[:3], strict=True):
-        out[f"box_prompt_{key}"] = float(value) if value > -1 else nan  # -1: no ground truth
+        out[f"{prefix}_{key}"] = float(value) if value > -1 else nan  # -1: no ground truth
     # (T IoU thresholds, R recall points, K categories, A areas (all first), M max dets).
     precision = evaluator.eval["precision"]
     per_category: dict[str, dict[str, float]] = {}
@@ -274,8 +280,73 @@ def box_prompt_ap(gt: COCO, results: list[dict[str, Any]], image_ids: list[int])
             "ap": float(every[every > -1].mean()),
             "ap50": float(at50[at50 > -1].mean()),
         }
-    out["box_prompt_ap_per_category"] = per_category
+    out[f"{prefix}_ap_per_category"] = per_category
     return out
+
+
+def evaluate_concepts(
+    model: Sam,
+    annotations: str | Path,
+    images: str | Path,
+    max_images: int | None = None,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Mask AP of concept prompting on a COCO dataset: for every image and every category the
+    model's concept head knows (names compared by ``concept_key``), every instance
+    ``find_instances`` reports (threshold 0, so the scores rank them all), scored by COCOeval.
+
+    Returns :func:`mask_ap`'s keys with the prefix ``concept`` plus ``concept_categories``
+    (the dataset's categories the head knows), ``concept_unknown`` (those it does not: they
+    get no detections, so AP 0 where they have ground truth), ``images``.
+
+    Raises:
+        ValueError: the model has no concept head, or it shares no category with the dataset.
+    """
+    from tqdm import tqdm
+
+    from maskmill.model.concept_head import concept_key
+    from maskmill.model.concepts import find_instances, require_concept_head
+
+    head = require_concept_head(model)
+    gt, image_ids = load_coco(annotations, max_images)
+    known = {concept_key(name): name for name in head.names}
+    category_of: dict[str, int] = {}  # head's name -> the dataset's category id
+    unknown = []
+    for category in gt.dataset["categories"]:
+        name = known.get(concept_key(category["name"]))
+        if name is None:
+            unknown.append(category["name"])
+        else:
+            category_of.setdefault(name, int(category["id"]))
+    if not category_of:
+        raise ValueError(
+            f"{annotations}: none of its categories is a concept the model knows "
+            f"({', '.join(head.names)})"
+        )
+    predictor = Predictor(model)
+    results: list[dict[str, Any]] = []
+    for image_id in tqdm(image_ids, disable=not progress, unit="img"):
+        info = gt.imgs[image_id]
+        image = load_image(str(Path(images) / info["file_name"]))
+        with torch.inference_mode():
+            predictor.set_image(image)
+            found = find_instances(
+                model, predictor.image_embedding, list(category_of), threshold=0.0
+            )
+        results.extend(
+            {
+                "image_id": image_id,
+                "category_id": category_of[record["category"]],
+                "segmentation": record["segmentation"],
+                "score": record["score"],
+            }
+            for record in found
+        )
+    metrics = mask_ap(gt, results, image_ids, "concept")
+    metrics["concept_categories"] = sorted(category_of)
+    metrics["concept_unknown"] = sorted(unknown)
+    metrics["images"] = len(image_ids)
+    return metrics
 
 
 def _quiet(function) -> Any:
@@ -418,13 +489,19 @@ def format_table(metrics: dict[str, Any]) -> str:
         "box_prompt_ap_per_category": "",  # a line per category, below
         "ar100": "AR@100 (generator, class-agnostic)",
         "ar1000": "AR@1000 (generator, class-agnostic)",
+        "concept_ap": "concept-prompt mask AP (--concepts)",
+        "concept_ap50": "concept-prompt mask AP50",
+        "concept_ap75": "concept-prompt mask AP75",
+        "concept_ap_per_category": "",
         "images": "images",
         "masks": "masks",
     }
     rows: list[tuple[str, str]] = []
     for key, label in labels.items():
+        if key not in metrics:  # e.g. the concept keys without --concepts
+            continue
         value = metrics.get(key)
-        if key == "box_prompt_ap_per_category":
+        if key.endswith("_ap_per_category"):
             for name, ap in (value or {}).items():
                 rows.append((f"  AP / AP50 of {name}", f"{ap['ap']:.3f} / {ap['ap50']:.3f}"))
             continue

@@ -180,16 +180,34 @@ def _register_eval(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--points-per-side", type=int, default=32, help="automatic generator grid (default: 32)"
     )
+    parser.add_argument(
+        "--concepts",
+        action="store_true",
+        help="also concept-prompt mask AP / AP50 per category (the model's concept head; "
+        "categories matched by name)",
+    )
+    parser.add_argument("--store", help="evaluate this store's model (its concept model)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(handler=run_eval)
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    from maskmill.engine.evaluate import evaluate_coco, format_table
+    from maskmill.engine.evaluate import evaluate_coco, evaluate_concepts, format_table
     from maskmill.model import load_model
 
-    model, _ = load_model(args.checkpoint)
+    if args.store and args.checkpoint:
+        raise ValueError("give --store or --checkpoint, not both")
+    checkpoint = args.checkpoint
+    if args.store:
+        from maskmill.engine.plan import concept_model, current_model
+
+        checkpoint = (concept_model if args.concepts else current_model)(args.store)["uri"]
+    model, _ = load_model(checkpoint)
+    if args.concepts:  # no concept head: an error before the long part
+        from maskmill.model.concepts import require_concept_head
+
+        require_concept_head(model)
     metrics = evaluate_coco(
         model,
         args.annotations,
@@ -198,6 +216,16 @@ def run_eval(args: argparse.Namespace) -> int:
         points_per_side=args.points_per_side,
         progress=not args.no_progress and not args.json,
     )
+    if args.concepts:
+        metrics.update(
+            evaluate_concepts(
+                model,
+                args.annotations,
+                args.images,
+                max_images=args.max_images,
+                progress=not args.no_progress and not args.json,
+            )
+        )
     if args.json:
         print(json.dumps(metrics))
     else:

@@ -273,6 +273,59 @@ def test_import_retrain_then_segment_text_finds_a_kind_on_a_held_back_scene(
     # A mug of the scene is found, and among the first reports (scores rank them).
     assert ious.max() >= 0.5, ious.max(0)
     assert int(np.flatnonzero(ious.max(1) >= 0.5)[0]) < 3
+    # `maskmill eval --concepts` on the held-back scene: COCOeval of every kind's instances.
+    code = main(
+        [
+            "eval",
+            "--store",
+            store.url,
+            "--concepts",
+            "--json",
+            "--annotations",
+            str(held),
+            "--images",
+            str(tmp_path / "held/images"),
+            "--points-per-side",
+            "8",
+        ]
+    )
+    assert code == 0
+    metrics = json.loads(capsys.readouterr().out)
+    assert metrics["concept_categories"] == sorted([*KINDS, "part"])
+    assert metrics["concept_unknown"] == [] and metrics["images"] == 1
+    per_category = metrics["concept_ap_per_category"]
+    present = {c["name"] for c in dataset["categories"]} & {
+        c["name"]
+        for c in dataset["categories"]
+        if any(a["category_id"] == c["id"] for a in dataset["annotations"])
+    }
+    assert set(per_category) == present  # a line per category with ground truth
+    assert all(0.0 <= v["ap50"] <= 1.0 for v in per_category.values())
+    assert per_category["mug"]["ap50"] > 0.0 and 0.0 < metrics["concept_ap50"] <= 1.0
     # An unknown concept is one line, exit 2.
     assert main(["segment", "--store", store.url, "--text", "unicorn"]) == 2
     assert "unknown concept 'unicorn'" in capsys.readouterr().err
+
+
+def test_prefill_is_encoded_once_and_arrives_labelled():
+    from maskmill.engine.stages import encode_and_prefill, stage_generator
+
+    model = load_default()
+    made = scene(256, 256, seed=21)
+    generator = stage_generator(model, "semi")
+    predictor = Predictor(model)
+    unlabelled = encode_and_prefill(predictor, generator, made.image)
+    # Same masks as the generator encoding the image itself; no head, no categories.
+    assert [r["segmentation"] for r in unlabelled] == [
+        r["segmentation"] for r in generator.generate(made.image)
+    ]
+    assert unlabelled and all(r["source"] == "model" and "category" not in r for r in unlabelled)
+    masks = [_rle(m) for m in made.instances]
+    sample = {"masks": masks, "categories": made.kinds, "category_ids": [None] * len(masks)}
+    examples = concept_examples(model, [sample], [made.image], ConceptTrainingConfig())
+    model.concept_head, _ = train_concept_head(examples)
+    labelled = encode_and_prefill(predictor, generator, made.image)
+    assert [r["segmentation"] for r in labelled] == [r["segmentation"] for r in unlabelled]
+    named = [r for r in labelled if r.get("category") is not None]
+    assert named and all(r["score"] >= model.concept_head.threshold for r in named)
+    assert {r["category"] for r in named} <= set(made.kinds)
