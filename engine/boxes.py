@@ -32,7 +32,6 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
-import fsspec
 import numpy as np
 import torch
 from torchvision.ops import box_area, box_convert, clip_boxes_to_image
@@ -41,7 +40,7 @@ from maskmill.engine.plan import current_model
 from maskmill.engine.stages import _bar, stage_metrics
 from maskmill.model import Predictor, load_model
 from maskmill.storage import StageWriter, Store, rle
-from maskmill.storage.coco import load_coco_json
+from maskmill.storage.coco import load_coco_json, read_json
 from maskmill.storage.images import ImageInfo
 from maskmill.storage.queries import categories, image_infos, stage_progress
 
@@ -84,15 +83,7 @@ def load_detections(source: str | list[Any]) -> list[Any]:
     """
     if isinstance(source, list):
         return source
-    try:
-        with fsspec.open(source, "rb") as handle:
-            data = json.loads(handle.read())
-    except FileNotFoundError:
-        raise ValueError(f"{source}: detections file not found") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        where = f" at line {error.lineno} column {error.colno}" if hasattr(error, "lineno") else ""
-        msg = getattr(error, "msg", str(error)).removesuffix(" at")
-        raise ValueError(f"{source}: not valid JSON: {msg}{where}") from None
+    data = read_json(source, "detections file")
     if not isinstance(data, list):
         raise ValueError(
             f"{source}: not a COCO results file: the top level is a JSON "

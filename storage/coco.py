@@ -79,19 +79,30 @@ def _local_or_url(path: str) -> str:
     return path if "://" in path else os.path.abspath(path)
 
 
-def load_coco_json(annotations: str) -> dict[str, Any]:
-    """Parse a COCO file (any fsspec URL); a top-level shape error is a CocoFormatError."""
+def read_json(url: str, what: str, error: type[ValueError] = ValueError) -> Any:
+    """Parse a JSON file (any fsspec URL): the one reader of the JSON files users give
+    (annotations, detections). A missing file or invalid JSON raises ``error`` naming the
+    file (``what`` says which kind) and the position."""
     try:
-        with fsspec.open(annotations, "rb") as handle:
-            data = json.loads(handle.read())
+        with fsspec.open(url, "rb") as handle:
+            return json.loads(handle.read())
     except FileNotFoundError:
-        raise CocoFormatError(f"{annotations}: annotation file not found") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        where = f" at line {error.lineno} column {error.colno}" if hasattr(error, "lineno") else ""
+        raise error(f"{url}: {what} not found") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as problem:
+        where = (
+            f" at line {problem.lineno} column {problem.colno}"
+            if hasattr(problem, "lineno")
+            else ""
+        )
         # Some of json's messages end in "at", waiting for the position: "Unterminated string
         # starting at"; the position then reads "... starting at line 1 column 4995".
-        msg = getattr(error, "msg", str(error)).removesuffix(" at")
-        raise CocoFormatError(f"{annotations}: not valid JSON: {msg}{where}") from None
+        msg = getattr(problem, "msg", str(problem)).removesuffix(" at")
+        raise error(f"{url}: not valid JSON: {msg}{where}") from None
+
+
+def load_coco_json(annotations: str) -> dict[str, Any]:
+    """Parse a COCO file (any fsspec URL); a top-level shape error is a CocoFormatError."""
+    data = read_json(annotations, "annotation file", CocoFormatError)
     if not isinstance(data, dict):
         raise CocoFormatError(f"{annotations}: the top level is not a JSON object")
     for key in ("images", "annotations"):

@@ -39,6 +39,15 @@ def _rle(mask: np.ndarray) -> dict:
     return rle
 
 
+def _learn_kinds(model, made) -> list[dict]:
+    """Give ``model`` a concept head learned from one scene's kinds; its masks as RLEs."""
+    masks = [_rle(m) for m in made.instances]
+    sample = {"masks": masks, "categories": made.kinds, "category_ids": [None] * len(masks)}
+    examples = concept_examples(model, [sample], [made.image], ConceptTrainingConfig())
+    model.concept_head, _ = train_concept_head(examples)
+    return masks
+
+
 # ------------------------------------------------------------------------------- the head
 
 
@@ -188,10 +197,7 @@ def test_a_model_without_a_head_says_how_to_get_one():
 def test_find_instances_reports_each_mask_once_with_its_concept():
     model = load_default()
     made = scene(256, 256, seed=21)
-    masks = [_rle(m) for m in made.instances]
-    sample = {"masks": masks, "categories": made.kinds, "category_ids": [None] * len(masks)}
-    examples = concept_examples(model, [sample], [made.image], ConceptTrainingConfig())
-    model.concept_head, _ = train_concept_head(examples)
+    masks = _learn_kinds(model, made)
     predictor = Predictor(model)
     predictor.set_image(made.image)
     everything = find_instances(model, predictor.image_embedding, threshold=0.0)
@@ -320,10 +326,7 @@ def test_prefill_is_encoded_once_and_arrives_labelled():
         r["segmentation"] for r in generator.generate(made.image)
     ]
     assert unlabelled and all(r["source"] == "model" and "category" not in r for r in unlabelled)
-    masks = [_rle(m) for m in made.instances]
-    sample = {"masks": masks, "categories": made.kinds, "category_ids": [None] * len(masks)}
-    examples = concept_examples(model, [sample], [made.image], ConceptTrainingConfig())
-    model.concept_head, _ = train_concept_head(examples)
+    _learn_kinds(model, made)
     labelled = encode_and_prefill(predictor, generator, made.image)
     assert [r["segmentation"] for r in labelled] == [r["segmentation"] for r in unlabelled]
     named = [r for r in labelled if r.get("category") is not None]
