@@ -202,6 +202,9 @@ class SimulatedAnnotator(Annotator):
 
     Args:
         ground_truth: ``image_id`` -> COCO RLEs of the image's objects.
+        categories: ``image_id`` -> the category name of each of those objects (or None), in
+            the same order: the annotator labels what it draws, as a person does with the
+            page's category field, so the store's concepts grow with its rounds.
         accept_iou: IoU at which clicking has made the mask good enough, and at which a
             pre-filled mask is kept as is.
         max_clicks: clicks spent on an object at most.
@@ -234,6 +237,7 @@ class SimulatedAnnotator(Annotator):
         stroke_seconds_base: float = 1.0,
         stroke_seconds_per_sqrt_px: float = 0.05,
         source: str = "simulated",
+        categories: Callable[[str], Sequence[str | None]] | None = None,
     ) -> None:
         for name, value in (
             ("accept_iou", accept_iou),
@@ -261,6 +265,7 @@ class SimulatedAnnotator(Annotator):
                 f"image_seconds_budget must be positive or None, got {image_seconds_budget}"
             )
         self.ground_truth = ground_truth
+        self.categories = categories
         self.accept_iou = accept_iou
         self.max_clicks = max_clicks
         self.covered_iou = covered_iou
@@ -285,6 +290,7 @@ class SimulatedAnnotator(Annotator):
     ) -> Annotation:
         height, width = image.shape[:2]
         objects = list(self.ground_truth(image_id))
+        names = list(self.categories(image_id)) if self.categories is not None else []
         for name, masks in (("ground-truth", objects), ("pre-filled", prefill)):
             for index, segmentation in enumerate(masks):
                 if list(segmentation["size"]) != [height, width]:
@@ -307,6 +313,8 @@ class SimulatedAnnotator(Annotator):
                 result.skipped_budget += 1
                 continue
             mask = self._draw(predictor, rle.decode(objects[i]), objects[i])
+            if i < len(names):
+                mask.category = names[i]
             spent += mask.seconds
             result.masks.append(mask)
             covering.append(mask.segmentation)

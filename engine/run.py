@@ -20,7 +20,7 @@ from maskmill.engine.stages import assisted_manual, fully_automatic, semi_automa
 from maskmill.engine.training.retrain import RetrainConfig, retrain
 from maskmill.model.mask_generator import generator_parameters
 from maskmill.storage import Store, import_coco, ingest_folder
-from maskmill.storage.queries import ground_truth
+from maskmill.storage.queries import ground_truth, ground_truth_categories
 
 DEFAULT_WORKDIR = "out/engine"
 
@@ -217,9 +217,10 @@ def annotate_round(settings: EngineSettings, round_: int) -> dict[str, Any]:
             options,
             settings.progress,
         )
-    truth = ground_truth(store)
+    truth, names = ground_truth(store), ground_truth_categories(store)
     annotator = SimulatedAnnotator(
         lambda image_id: truth.get(image_id, []),
+        categories=lambda image_id: names.get(image_id, []),
         accept_iou=settings.accept_iou,
         max_clicks=settings.max_clicks,
     )

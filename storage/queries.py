@@ -25,7 +25,8 @@ from maskmill.storage.store import Store
 ANNOTATION_STAGES = tuple(s for s in STAGES if s != STAGE_GT)
 
 # Masks nobody reviews: the model's own (kept semi pre-fill, the automatic stage, prompted by
-# a detector's boxes) and ground truth. Every other source is a person's (or a simulated person's) work, which review judges.
+# a detector's boxes) and ground truth. Every other source is a person's (or a simulated
+# person's) work, which review judges.
 UNREVIEWED_SOURCES = ("model", "gt", "detector")
 # SQL condition on masks ``m``: a person's mask, which review judges.
 REVIEWABLE = "m.source NOT IN ({})".format(", ".join(f"'{s}'" for s in UNREVIEWED_SOURCES))
@@ -117,6 +118,23 @@ def ground_truth(source: Store | str | Catalog) -> dict[str, list[dict[str, Any]
     out: dict[str, list[dict[str, Any]]] = {}
     for image_id, counts, height, width in rows:
         out.setdefault(image_id, []).append(_rle(counts, height, width))
+    return out
+
+
+def ground_truth_categories(source: Store | str | Catalog) -> dict[str, list[str | None]]:
+    """The category name (or None) of each ground-truth mask of :func:`ground_truth`, by image
+    id, in the same order."""
+    with _opened(source) as catalog:
+        if not catalog.store.shards("masks"):
+            return {}
+        rows = catalog.con.execute(
+            f"SELECT image_id, category FROM {catalog.scan('masks')} "
+            "WHERE stage = ? AND NOT iscrowd ORDER BY image_id, filename, file_row_number",
+            [STAGE_GT],
+        ).fetchall()
+    out: dict[str, list[str | None]] = {}
+    for image_id, category in rows:
+        out.setdefault(image_id, []).append(category)
     return out
 
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from maskmill.engine.annotators import SimulatedAnnotator
-from maskmill.model import Predictor
+from maskmill.model import Predictor, load_default
 from maskmill.storage import rle
 
 H, W = 64, 80
@@ -283,3 +283,23 @@ def test_reruns_give_the_same_masks(random_model_annotation, tiny_model):
     predictor.set_image(image)
     again = annotator.annotate("img", image, predictor, [])
     assert again.records("simulated") == first.records("simulated")
+
+
+def test_the_simulated_annotator_labels_what_it_draws():
+    """Given the objects' categories, each mask it draws carries its object's category (as a
+    person's does from the page's category field), so retrains learn the store's concepts."""
+    image, objects = _scene()
+    names = [f"kind{i}" for i in range(len(objects))]
+    annotator = SimulatedAnnotator(
+        lambda _: [rle.encode(o) for o in objects], categories=lambda _: names
+    )
+    predictor = Predictor(load_default())
+    predictor.set_image(image)
+    annotation = annotator.annotate("img", image, predictor, [])
+    assert annotation.masks
+    for mask in annotation.masks:
+        decoded = rle.decode(mask.segmentation)
+        best = int(np.argmax([(decoded & o).sum() / (decoded | o).sum() for o in objects]))
+        assert mask.category == names[best]
+    records = annotation.records("simulated")
+    assert [r["category"] for r in records] == [m.category for m in annotation.masks]
