@@ -107,33 +107,33 @@ def image_infos(source: Store | str | Catalog) -> dict[str, ImageInfo]:
 def ground_truth(source: Store | str | Catalog) -> dict[str, list[dict[str, Any]]]:
     """Ground-truth RLEs (stage ``gt``, crowd regions left out) of every image that has some,
     by image id, each image's in stored order (shard, then row)."""
+    out: dict[str, list[dict[str, Any]]] = {}
+    for image_id, counts, height, width in _ground_truth_rows(
+        source, "segmentation, height, width"
+    ):
+        out.setdefault(image_id, []).append(_rle(counts, height, width))
+    return out
+
+
+def _ground_truth_rows(source: Store | str | Catalog, columns: str) -> list[tuple]:
+    """``image_id`` and ``columns`` of every ground-truth mask (crowd regions left out), in
+    stored order (shard, then row): the one order :func:`ground_truth` and
+    :func:`ground_truth_categories` share, so their lists stay parallel."""
     with _opened(source) as catalog:
         if not catalog.store.shards("masks"):  # read_parquet of no file is an error
-            return {}
-        rows = catalog.con.execute(
-            f"SELECT image_id, segmentation, height, width FROM {catalog.scan('masks')} "
+            return []
+        return catalog.con.execute(
+            f"SELECT image_id, {columns} FROM {catalog.scan('masks')} "
             "WHERE stage = ? AND NOT iscrowd ORDER BY image_id, filename, file_row_number",
             [STAGE_GT],
         ).fetchall()
-    out: dict[str, list[dict[str, Any]]] = {}
-    for image_id, counts, height, width in rows:
-        out.setdefault(image_id, []).append(_rle(counts, height, width))
-    return out
 
 
 def ground_truth_categories(source: Store | str | Catalog) -> dict[str, list[str | None]]:
     """The category name (or None) of each ground-truth mask of :func:`ground_truth`, by image
     id, in the same order."""
-    with _opened(source) as catalog:
-        if not catalog.store.shards("masks"):
-            return {}
-        rows = catalog.con.execute(
-            f"SELECT image_id, category FROM {catalog.scan('masks')} "
-            "WHERE stage = ? AND NOT iscrowd ORDER BY image_id, filename, file_row_number",
-            [STAGE_GT],
-        ).fetchall()
     out: dict[str, list[str | None]] = {}
-    for image_id, category in rows:
+    for image_id, category in _ground_truth_rows(source, "category"):
         out.setdefault(image_id, []).append(category)
     return out
 
