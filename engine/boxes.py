@@ -36,11 +36,13 @@ import numpy as np
 import torch
 from torchvision.ops import box_area, box_convert, clip_boxes_to_image
 
+from maskmill.engine.embeddings import open_embedding_cache, set_image
 from maskmill.engine.plan import current_model
 from maskmill.engine.stages import _bar, stage_metrics
 from maskmill.model import Predictor, load_model
 from maskmill.storage import StageWriter, Store, rle
 from maskmill.storage.coco import load_coco_json, read_json
+from maskmill.storage.embeddings import EmbeddingCache
 from maskmill.storage.images import ImageInfo
 from maskmill.storage.queries import categories, image_infos, stage_progress
 
@@ -352,14 +354,21 @@ def _category(
 
 @torch.inference_mode()
 def box_masks(
-    predictor: Predictor, image: np.ndarray, boxes: np.ndarray, chunk: int = BOX_CHUNK
+    predictor: Predictor,
+    image: np.ndarray,
+    boxes: np.ndarray,
+    chunk: int = BOX_CHUNK,
+    image_id: str | None = None,
+    cache: EmbeddingCache | None = None,
 ) -> list[dict[str, Any]]:
     """One mask per box: ``image`` (H, W, 3) uint8 RGB, ``boxes`` (N, 4) XYXY pixels on it.
 
     Each box prompts the model alone (single-mask output); records, in box order, carry
-    ``segmentation`` (COCO compressed RLE of the (H, W) mask) and ``predicted_iou``.
+    ``segmentation`` (COCO compressed RLE of the (H, W) mask) and ``predicted_iou``. The
+    image's embedding comes from ``cache`` (the model's embedding cache, keyed by
+    ``image_id``) when there (``engine.embeddings.set_image``).
     """
-    predictor.set_image(image)
+    set_image(predictor, image_id, image, cache)
     records: list[dict[str, Any]] = []
     for start in range(0, len(boxes), chunk):
         masks, ious, _ = predictor.predict_batch(
@@ -396,6 +405,7 @@ def prompt_boxes(
     progress: bool = False,
     annotations: str | None = None,
     use_ray: bool | None = None,
+    embedding_cache: bool = True,
 ) -> dict[str, Any]:
     """Prompt the model with every detection's box; store one mask per detection as stage
     ``boxes``; return the round's rows-table row (as the other stages), plus ``errors``: this
@@ -414,6 +424,7 @@ def prompt_boxes(
         annotations: the COCO file whose integer image ids the detections use.
         use_ray: run on Ray actors (Ray initialised if it is not: a local cluster); default
             when ``workers`` > 1. Otherwise the images go through one model in this process.
+        embedding_cache: encode through the store's embedding cache (``engine.embeddings``).
 
     The rounds row's metrics: :func:`engine.stages.stage_metrics`, ``detections`` (rows in
     the file), ``detections_failed`` (rows refused), ``boxes_clipped``, ``detections_digest``,
@@ -454,7 +465,8 @@ def prompt_boxes(
             for image_id, dets in sorted(found.items())
             if not writer.done(image_id)
         ]
-        with _box_results(model_meta["uri"], jobs, workers, use_ray) as results:
+        cache_store = store if embedding_cache else None
+        with _box_results(model_meta["uri"], jobs, workers, use_ray, cache_store) as results:
             if bad:  # replaced by a rerun of the same detections (same key)
                 writer.write_failures(f"detections-{digest[:16]}", bad)
             if jobs:  # the digest is in the rounds table before any image: a kill resumes
@@ -490,11 +502,16 @@ def prompt_boxes(
 
 @contextmanager
 def _box_results(
-    checkpoint: str | None, jobs: list[tuple[ImageInfo, np.ndarray]], workers: int, use_ray: bool
+    checkpoint: str | None,
+    jobs: list[tuple[ImageInfo, np.ndarray]],
+    workers: int,
+    use_ray: bool,
+    cache_store: Store | None,
 ) -> Iterator[Iterator[Any]]:
     """The ``ImageResult`` of each job (image, (N, 4) XYXY boxes), in completion order: from
-    ``workers`` Ray actors, or one model here. The model is loaded (and a bad checkpoint
-    refused) before the caller writes anything."""
+    ``workers`` Ray actors, or one model here; embeddings through ``cache_store``'s cache
+    (None: no cache). The model is loaded (and a bad checkpoint refused) before the caller
+    writes anything."""
     from maskmill.engine.ray_pool import BoxPool, image_result, init_ray
 
     if not jobs:
@@ -502,9 +519,16 @@ def _box_results(
         return
     if use_ray:
         init_ray()
-        with BoxPool(checkpoint, workers) as pool:
+        with BoxPool(checkpoint, workers, cache_store=cache_store) as pool:
             yield pool.map(jobs)
         return
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    predictor = Predictor(load_model(checkpoint, device=device)[0])
-    yield (image_result(info, partial(box_masks, predictor, boxes=boxes)) for info, boxes in jobs)
+    model = load_model(checkpoint, device=device)[0]
+    predictor, cache = Predictor(model), open_embedding_cache(cache_store, model)
+    yield (
+        image_result(
+            info,
+            partial(box_masks, predictor, boxes=boxes, image_id=info.image_id, cache=cache),
+        )
+        for info, boxes in jobs
+    )

@@ -22,26 +22,35 @@ COCOeval, segm, class-agnostic (``useCats = 0``), AR@100 and AR@1000 averaged ov
 0.50:0.95.
 
 Masks are (H, W) bool arrays of the original image; clicks are XY pixels; boxes XYXY.
+
+With an embedding cache (``maskmill eval --store``: the store's, ``engine.embeddings``) each
+image is encoded once per image encoder, keyed like a store image (the first 16 hex digits of
+the file's SHA-256); an image that its EXIF orientation turns is encoded every time (its cache
+key would name the unturned pixels).
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import cv2
+import fsspec
 import numpy as np
 import torch
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
+from maskmill.engine.embeddings import generate_masks, set_image
 from maskmill.model import Predictor, Sam
 from maskmill.model.mask_generator import MaskGenerator
 from maskmill.storage import rle
-from maskmill.storage.images import load_image
+from maskmill.storage.embeddings import EmbeddingCache
+from maskmill.storage.images import decode_image, image_id_of, load_image
 
 MAX_CLICKS = 20
 # Proposal settings: every grid prompt's masks compete for the top 100 / 1000 by predicted IoU,
@@ -290,10 +299,13 @@ def evaluate_concepts(
     images: str | Path,
     max_images: int | None = None,
     progress: bool = False,
+    text_encoder: Any = None,
 ) -> dict[str, Any]:
     """Mask AP of concept prompting on a COCO dataset: for every image and every category the
     model's concept head knows (names compared by ``concept_key``), every instance
     ``find_instances`` reports (threshold 0, so the scores rank them all), scored by COCOeval.
+    With a CLIP ``text_encoder`` (``model.text_encoder.ClipEncoder``) every category of the
+    dataset is a phrase, found through the model's text head (open vocabulary).
 
     Returns :func:`mask_ap`'s keys with the prefix ``concept`` plus ``concept_categories``
     (the dataset's categories the head knows), ``concept_unknown`` (those it does not: they
@@ -305,11 +317,14 @@ def evaluate_concepts(
     from tqdm import tqdm
 
     from maskmill.model.concept_head import concept_key
-    from maskmill.model.concepts import find_instances, require_concept_head
+    from maskmill.model.concepts import find_instances, require_concept_head, require_text_head
 
-    head = require_concept_head(model)
     gt, image_ids = load_coco(annotations, max_images)
-    known = {concept_key(name): name for name in head.names}
+    if text_encoder is not None:
+        require_text_head(model, text_encoder)
+        known = {concept_key(c["name"]): c["name"] for c in gt.dataset["categories"]}
+    else:
+        known = {concept_key(name): name for name in require_concept_head(model).names}
     category_of: dict[str, int] = {}  # head's name -> the dataset's category id
     unknown = []
     for category in gt.dataset["categories"]:
@@ -321,7 +336,7 @@ def evaluate_concepts(
     if not category_of:
         raise ValueError(
             f"{annotations}: none of its categories is a concept the model knows "
-            f"({', '.join(head.names)})"
+            f"({', '.join(sorted(known.values()))})"
         )
     predictor = Predictor(model)
     results: list[dict[str, Any]] = []
@@ -331,7 +346,11 @@ def evaluate_concepts(
         with torch.inference_mode():
             predictor.set_image(image)
             found = find_instances(
-                model, predictor.image_embedding, list(category_of), threshold=0.0
+                model,
+                predictor.image_embedding,
+                list(category_of),
+                threshold=0.0,
+                text_encoder=text_encoder,
             )
         results.extend(
             {
@@ -395,6 +414,7 @@ def evaluate_coco(
     max_images: int | None = None,
     points_per_side: int = 32,
     progress: bool = False,
+    embedding_cache: EmbeddingCache | None = None,
 ) -> dict[str, Any]:
     """All metrics of ``model`` on a COCO dataset (the keys of ``maskmill eval --json``).
 
@@ -405,6 +425,8 @@ def evaluate_coco(
         max_images: evaluate the first N images of the file only.
         points_per_side: grid of the automatic generator.
         progress: show a tqdm bar over the images.
+        embedding_cache: ``model``'s embedding cache (``engine.embeddings``); None: encode
+            every image (module doc).
 
     Returns:
         ``one_click_miou_best``, ``one_click_miou_top1``, ``noc85``, ``noc90``, ``box_miou``,
@@ -423,7 +445,7 @@ def evaluate_coco(
     box_results: list[dict[str, Any]] = []  # the box prompts' masks, as COCO results
     for image_id in tqdm(image_ids, disable=not progress, unit="img"):
         info = gt.imgs[image_id]
-        image = load_image(str(Path(images) / info["file_name"]))
+        image, key = _read_image(str(Path(images) / info["file_name"]), embedding_cache)
         if image.shape[:2] != (info["height"], info["width"]):
             raise ValueError(
                 f"{info['file_name']}: image is {image.shape[1]}x{image.shape[0]} but the "
@@ -433,7 +455,7 @@ def evaluate_coco(
         pairs = [(a, gt.annToMask(a).astype(bool)) for a in anns]
         pairs = [(a, m) for a, m in pairs if m.any()]
         with torch.inference_mode():
-            predictor.set_image(image)
+            set_image(predictor, key, image, embedding_cache)
         if pairs:
             result = evaluate_interactive(predictor, np.stack([m for _, m in pairs]))
             per_mask.append(result)
@@ -448,7 +470,7 @@ def evaluate_coco(
                         "score": float(score),
                     }
                 )
-        for record in generator.generate(image):
+        for record in generate_masks(generator, key, image, embedding_cache):
             detections.append(
                 {
                     "image_id": image_id,
@@ -469,6 +491,21 @@ def evaluate_coco(
     metrics["images"] = len(image_ids)
     metrics["masks"] = masks_count
     return metrics
+
+
+def _read_image(path: str, cache: EmbeddingCache | None) -> tuple[np.ndarray, str | None]:
+    """(H, W, 3) uint8 RGB of an image file, turned upright by its EXIF orientation, and its
+    key in ``cache``: the store's image id of the file (``storage.images.image_id_of``) when
+    the turn changed nothing (the cached pixels are the file's own), else None (not cached)."""
+    image = load_image(path)  # a missing or bad file is refused here, named
+    if cache is None:
+        return image, None
+    with fsspec.open(path, "rb") as handle:
+        data = handle.read()
+    unturned = decode_image(data, path, exif_transpose=False)
+    if image.shape != unturned.shape or not np.array_equal(image, unturned):
+        return image, None
+    return image, image_id_of(hashlib.sha256(data).hexdigest())
 
 
 def _mean(results: list[InteractiveResult], field) -> float:

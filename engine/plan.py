@@ -27,10 +27,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from maskmill.engine.embeddings import open_embedding_cache, set_image
 from maskmill.engine.evaluate import MAX_CLICKS, evaluate_interactive
 from maskmill.model import Predictor, generator_presets, load_model
 from maskmill.model.checkpoint import checkpoint_payload
 from maskmill.storage import Store, rle
+from maskmill.storage.embeddings import EmbeddingCache
 from maskmill.storage.images import ImageInfo, load_image
 from maskmill.storage.queries import ground_truth, image_infos, training_set
 from maskmill.storage.writer import utc_now
@@ -143,15 +145,22 @@ def model_bytes(model: torch.nn.Module, metadata: dict[str, Any]) -> bytes:
 
 
 def ensure_initial_model(
-    store: Store, plan: Plan, checkpoint: str | None = None, progress: bool = False
+    store: Store,
+    plan: Plan,
+    checkpoint: str | None = None,
+    progress: bool = False,
+    embedding_cache: bool = True,
 ) -> dict[str, Any]:
-    """Store the starting model as v1 (with its held-out 1-click mIoU) unless the store has
-    models already; return the newest model's meta."""
+    """Store the starting model as v1 (with its held-out 1-click mIoU, the held-out images
+    encoded through the store's embedding cache unless ``embedding_cache`` is off) unless the
+    store has models already; return the newest model's meta."""
     metas = store.model_metas()
     if metas:
         return metas[-1]
     model, source = load_model(checkpoint)
-    metrics = evaluate_heldout(store, plan, model, progress=progress)
+    metrics = evaluate_heldout(
+        store, plan, model, progress=progress, embedding_cache=embedding_cache
+    )
     # The generator thresholds travel with the weights: v1 keeps its source's presets (SAM's
     # for an official file), and every retrain starts from them.
     presets = generator_presets(model)
@@ -196,39 +205,54 @@ def current_model(store: Store | str) -> dict[str, Any]:
     return metas[-1]
 
 
-def concept_model(store: Store | str) -> dict[str, Any]:
+def concept_model(store: Store | str, clip: bool = False) -> dict[str, Any]:
     """Meta of the store's model for concept prompts: :func:`current_model` when it has a
     concept head, else the newest version that has one (a retrain whose weights were not
-    promoted still learned the store's concepts; meta ``concepts`` lists them).
+    promoted still learned the store's concepts; meta ``concepts`` lists them). With ``clip``:
+    the same for CLIP text prompts (meta ``text_prompts``).
 
     Raises:
-        ValueError: no version of the store has learned concepts.
+        ValueError: no version of the store has learned them.
     """
     store = (Store(store) if isinstance(store, str) else store).require()
+    key = "text_prompts" if clip else "concepts"
     current = current_model(store)
-    if current.get("concepts"):
+    if current.get(key):
         return current
-    learned = [m for m in store.model_metas() if m.get("concepts")]
-    if not learned:
+    learned = [m for m in store.model_metas() if m.get(key)]
+    if learned:
+        return learned[-1]
+    if clip:
         raise ValueError(
-            f"{store.url}: no model version has learned concepts; retrain on masks with "
-            "categories (import-coco with categories, or categories given while annotating)"
+            f"{store.url}: no model version has CLIP text prompts; run with --clip-model, or "
+            "train them with `maskmill fit-text`"
         )
-    return learned[-1]
+    raise ValueError(
+        f"{store.url}: no model version has learned concepts; retrain on masks with "
+        "categories (import-coco with categories, or categories given while annotating)"
+    )
 
 
 def evaluate_heldout(
-    store: Store, plan: Plan, model: torch.nn.Module, progress: bool = False
+    store: Store,
+    plan: Plan,
+    model: torch.nn.Module,
+    progress: bool = False,
+    embedding_cache: bool = True,
 ) -> dict[str, float]:
     """1-click mIoU and NoC@90 of ``model`` on the held-out images' ground truth (``maskmill
-    eval``'s protocol: 20 clicks at most, a mask never reaching IoU 0.9 counts 20).
+    eval``'s protocol: 20 clicks at most, a mask never reaching IoU 0.9 counts 20). The images
+    are encoded through the store's embedding cache (``engine.embeddings``) unless
+    ``embedding_cache`` is off, so a retrained model with the encoder frozen encodes none.
 
     Returns ``{"heldout_miou": best-of-3 mean, "heldout_miou_top1": IoU-head pick,
     "heldout_noc90": mean clicks to IoU 0.9, "heldout_masks": n}``; empty when nothing is held
     out.
     """
-    samples = _progress(heldout_samples(store, plan), "held-out mIoU", progress)
-    scores = interactive_scores(model, samples)
+    truth = heldout_truth(store, plan)
+    samples = _progress(_samples(plan, truth), "held-out mIoU", progress)
+    cache = open_embedding_cache(store if embedding_cache else None, model)
+    scores = interactive_scores(model, samples, cache=cache, image_ids=list(truth))
     if scores is None:
         return {}
     return {
@@ -243,22 +267,30 @@ def interactive_scores(
     model: torch.nn.Module,
     samples: Iterable[tuple[np.ndarray, list[dict[str, Any]]]],
     max_clicks: int = MAX_CLICKS,
+    cache: EmbeddingCache | None = None,
+    image_ids: Sequence[str] | None = None,
 ) -> dict[str, np.ndarray] | None:
     """Per mask, ``evaluate_interactive``'s scores of ``model`` on ``samples`` ((H, W, 3) uint8
     images, each with its reference COCO RLEs, of which the ``HELDOUT_MASKS_PER_IMAGE`` largest
     count): ``{"best": 1-click best-of-3 IoU, "top1": 1-click IoU-head pick, "noc90": clicks to
     IoU 0.9}``, (n,) each (``noc90`` is ``max_clicks`` wherever it is never reached, all of it
-    with ``max_clicks`` 1). None when no sample has a non-empty mask."""
+    with ``max_clicks`` 1). None when no sample has a non-empty mask.
+
+    ``cache`` (``model``'s embedding cache) with ``image_ids`` (the samples' image ids, in
+    order): embeddings are read from it where there and written where not."""
+    if cache is not None and image_ids is None:
+        raise ValueError("interactive_scores: a cache needs the samples' image_ids")
     predictor = Predictor(model)
     best, top1, noc90 = [], [], []
     with torch.inference_mode():
-        for image, objects in samples:
+        for index, (image, objects) in enumerate(samples):
             largest = np.argsort(-rle.areas(objects), kind="stable")[:HELDOUT_MASKS_PER_IMAGE]
             masks = [rle.decode(objects[i]) for i in largest]
             masks = [m for m in masks if m.any()]
             if not masks:
                 continue
-            predictor.set_image(image)
+            image_id = image_ids[index] if image_ids is not None else None
+            set_image(predictor, image_id, image, cache)
             result = evaluate_interactive(predictor, np.stack(masks), max_clicks=max_clicks)
             best.append(result.one_click_best)
             top1.append(result.one_click_top1)
@@ -300,17 +332,31 @@ def evaluate_validation(
     }
 
 
+def heldout_truth(
+    store: Store, plan: Plan, limit: int | None = None
+) -> dict[str, list[dict[str, Any]]]:
+    """The first ``limit`` held-out images with ground truth (by id, in order): their
+    ground-truth COCO RLEs by image id."""
+    if not plan.heldout:
+        return {}
+    truth = ground_truth(store)
+    with_truth = [image_id for image_id in plan.heldout if truth.get(image_id)]
+    return {image_id: truth[image_id] for image_id in with_truth[:limit]}
+
+
 def heldout_samples(
     store: Store, plan: Plan, limit: int | None = None
 ) -> Iterator[tuple[np.ndarray, list[dict[str, Any]]]]:
     """The held-out images (the first ``limit`` with ground truth, by id), read one at a time
     as stored ((H, W, 3) uint8 RGB, no EXIF turn), each with its ground-truth COCO RLEs."""
-    if not plan.heldout:
-        return
-    truth = ground_truth(store)
-    with_truth = [image_id for image_id in plan.heldout if truth.get(image_id)]
-    for image_id in with_truth[:limit]:
-        yield load_image(plan.images[image_id].uri, exif_transpose=False), truth[image_id]
+    return _samples(plan, heldout_truth(store, plan, limit))
+
+
+def _samples(
+    plan: Plan, truth: dict[str, list[dict[str, Any]]]
+) -> Iterator[tuple[np.ndarray, list[dict[str, Any]]]]:
+    for image_id, objects in truth.items():
+        yield load_image(plan.images[image_id].uri, exif_transpose=False), objects
 
 
 def _progress(items: list, desc: str, enabled: bool):

@@ -5,21 +5,37 @@ Each actor loads the model once, when it starts, and then works on one image aft
 reads the image itself from its URI, so only a URI (and, for boxes, the image's boxes) goes out
 and SA-1B records (RLE strings, a few kB per image) come back. With GPUs in the cluster every
 actor takes one. One image's error comes back as that image's failure, not as a crash.
+
+Given the store (``cache_store``), an actor encodes through its embedding cache
+(``engine.embeddings``): it reads the embeddings any process wrote before through the store's
+fsspec filesystem, and writes the ones it computes, for every later stage and actor.
+
+Streaming and lost workers (:meth:`WorkerPool.map`): at most ``IN_FLIGHT_PER_ACTOR`` jobs per
+actor are out at once, so the driver holds a few results whatever the corpus size, and the
+actors are spread over the cluster's nodes (Ray's ``SPREAD``). An actor that dies (its node
+lost) is not restarted by Ray (``max_restarts=0``: a restart could wait forever for a CPU the
+survivors hold); the pool resubmits that actor's unfinished jobs to the surviving actors, and
+raises :class:`WorkersLostError` only when none is left (the stage's Prefect task retry then
+reruns the stage, which skips the images already committed). A job's result reaches the
+caller once; an image resubmitted after its actor died was never returned before.
 """
 
 from __future__ import annotations
 
 import os
+import resource
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import ray
-from ray.util import ActorPool
+from ray.exceptions import ObjectLostError, RayActorError
 
 from maskmill.storage.images import ImageInfo
+from maskmill.storage.store import Store
 
 
 @dataclass
@@ -60,6 +76,33 @@ def image_result(
     return ImageResult(info, records, None, time.perf_counter() - start)
 
 
+# Jobs out per actor: one running and one waiting in its queue, so an actor never idles while
+# the driver commits a result, and the driver holds a bounded number of results.
+IN_FLIGHT_PER_ACTOR = 2
+_END = object()  # the end of a pool's jobs
+
+
+class WorkersLostError(RuntimeError):
+    """Every actor of a pool died (their nodes lost) with jobs left; rerun to resume."""
+
+
+class _Worker:
+    """What every pool actor reports about itself (a base of the actor classes)."""
+
+    def where(self) -> dict[str, Any]:
+        """The actor's node id (Ray's, hex), process id and peak resident memory (bytes)."""
+        return {
+            "node_id": ray.get_runtime_context().get_node_id(),
+            "pid": os.getpid(),
+            "peak_rss": peak_rss_bytes(),
+        }
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory, bytes (Linux reports ``ru_maxrss`` in kB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     """Connect to Ray once: a new local cluster by default, ``address`` for an existing one.
 
@@ -87,12 +130,20 @@ def gpus_per_actor(workers: int) -> float:
 
 
 @ray.remote
-class GeneratorActor:
+class GeneratorActor(_Worker):
     """Loads the model once and generates masks for the images it is sent."""
 
-    def __init__(self, checkpoint: str, preset: str, options: dict[str, Any], threads: int) -> None:
+    def __init__(
+        self,
+        checkpoint: str,
+        preset: str,
+        options: dict[str, Any],
+        cache_store: Store | None,
+        threads: int,
+    ) -> None:
         import torch
 
+        from maskmill.engine.embeddings import open_embedding_cache
         from maskmill.engine.stages import stage_generator
         from maskmill.model import load_checkpoint
 
@@ -101,11 +152,17 @@ class GeneratorActor:
         device = "cuda" if torch.cuda.is_available() else "cpu"
         model = load_checkpoint(checkpoint, device=device)
         self.generator = stage_generator(model, preset, options)
+        self.cache = open_embedding_cache(cache_store, model)
         self.pid = os.getpid()
 
     def run(self, info: ImageInfo) -> ImageResult:
-        """The generator's SA-1B records of one image."""
-        return image_result(info, self.generator.generate)
+        """The generator's SA-1B records of one image (its crops' embeddings from the cache
+        where there)."""
+        from maskmill.engine.embeddings import generate_masks
+
+        return image_result(
+            info, lambda image: generate_masks(self.generator, info.image_id, image, self.cache)
+        )
 
     def ready(self) -> tuple[int, dict[str, float]]:
         """The actor's process id and its generator's thresholds, once its model is loaded."""
@@ -117,18 +174,20 @@ class GeneratorActor:
 
 
 @ray.remote
-class BoxActor:
+class BoxActor(_Worker):
     """Loads the model once and prompts it with the boxes of the images it is sent."""
 
-    def __init__(self, checkpoint: str | None, threads: int) -> None:
+    def __init__(self, checkpoint: str | None, cache_store: Store | None, threads: int) -> None:
         import torch
 
+        from maskmill.engine.embeddings import open_embedding_cache
         from maskmill.model import Predictor, load_model
 
         torch.set_num_threads(max(1, threads))
         device = "cuda" if torch.cuda.is_available() else "cpu"
         model, _ = load_model(checkpoint, device=device)
         self.predictor = Predictor(model)
+        self.cache = open_embedding_cache(cache_store, model)
         self.pid = os.getpid()
 
     def run(self, job: tuple[ImageInfo, np.ndarray]) -> ImageResult:
@@ -137,7 +196,12 @@ class BoxActor:
         from maskmill.engine.boxes import box_masks
 
         info, boxes = job
-        return image_result(info, lambda image: box_masks(self.predictor, image, boxes))
+        return image_result(
+            info,
+            lambda image: box_masks(
+                self.predictor, image, boxes, image_id=info.image_id, cache=self.cache
+            ),
+        )
 
     def ready(self) -> tuple[int, dict[str, float]]:
         """The actor's process id, once its model is loaded (nothing else to report)."""
@@ -146,7 +210,9 @@ class BoxActor:
 
 class WorkerPool:
     """``workers`` actors of one kind sharing a stream of jobs (images, or images with their
-    boxes): each actor class has ``run(job) -> ImageResult`` and ``ready() -> (pid, info)``.
+    boxes): each actor class has ``run(job) -> ImageResult`` and ``ready() -> (pid, info)``,
+    and ``where()`` (:class:`_Worker`). ``node_ids``: each actor's node; ``lost`` and
+    ``resubmitted``: actors that died and jobs sent again (module doc).
 
     ::
 
@@ -166,27 +232,94 @@ class WorkerPool:
     ) -> None:
         if workers < 1:
             raise ValueError(f"workers must be at least 1, got {workers}")
-        resources = {"num_cpus": cpus_per_worker, "num_gpus": gpus_per_actor(workers)}
+        options = {
+            "num_cpus": cpus_per_worker,
+            "num_gpus": gpus_per_actor(workers),
+            # One actor per node before two on one: a lost node takes fewer actors with it.
+            "scheduling_strategy": "SPREAD",
+            # A lost actor's jobs go to the survivors (map), not to a restart that may never
+            # find a free CPU.
+            "max_restarts": 0,
+        }
         started = time.perf_counter()
         self.actors = [
-            actor_class.options(**resources).remote(*args, cpus_per_worker) for _ in range(workers)
+            actor_class.options(**options).remote(*args, cpus_per_worker) for _ in range(workers)
         ]
         # Wait for every model to load, so a broken checkpoint fails here, named, not mid-run.
         ready = ray.get([actor.ready.remote() for actor in self.actors])
         self.pids = [pid for pid, _ in ready]
         self.ready_info: dict[str, float] = ready[0][1]
+        self.node_ids: list[str] = [w["node_id"] for w in ray.get(self._where(self.actors))]
         self.start_seconds = time.perf_counter() - started
-        self.pool = ActorPool(self.actors)
+        self.live: list[int] = list(range(workers))  # indexes of the actors still alive
+        self.resubmitted = 0  # jobs sent again after their actor died
+
+    @staticmethod
+    def _where(actors: list[Any]) -> list[ray.ObjectRef]:
+        return [actor.where.remote() for actor in actors]
+
+    @property
+    def lost(self) -> int:
+        """Actors that died while this pool ran."""
+        return len(self.actors) - len(self.live)
 
     def map(self, jobs: Iterable[Any]) -> Iterator[ImageResult]:
-        """Results of ``jobs`` in the order they finish."""
-        return self.pool.map_unordered(lambda actor, job: actor.run.remote(job), list(jobs))
+        """Results of ``jobs`` in the order they finish, streamed: ``jobs`` is read lazily and
+        at most ``IN_FLIGHT_PER_ACTOR`` jobs per live actor are out at once. A job whose actor
+        died (or whose result was lost with its node) is resubmitted to a surviving actor;
+        :class:`WorkersLostError` when no actor is left."""
+        pending = iter(jobs)
+        again: deque[Any] = deque()  # jobs of dead actors, sent before new ones
+        running: dict[ray.ObjectRef, tuple[int, Any]] = {}  # result -> (actor index, job)
+        load = dict.fromkeys(self.live, 0)
+        exhausted = False
+
+        def submit() -> None:
+            nonlocal exhausted
+            while self.live:
+                index = min(self.live, key=load.__getitem__)  # the least busy actor
+                if load[index] >= IN_FLIGHT_PER_ACTOR:
+                    return
+                if again:
+                    job = again.popleft()
+                elif exhausted or (job := next(pending, _END)) is _END:
+                    exhausted = True
+                    return
+                running[self.actors[index].run.remote(job)] = (index, job)
+                load[index] += 1
+
+        submit()
+        while running:
+            (ref,), _ = ray.wait(list(running), num_returns=1)
+            index, job = running.pop(ref)
+            load[index] -= 1
+            try:
+                result = ray.get(ref)
+            except (RayActorError, ObjectLostError) as error:
+                if isinstance(error, RayActorError) and index in self.live:
+                    self.live.remove(index)
+                again.append(job)
+                self.resubmitted += 1
+                if not self.live:
+                    raise WorkersLostError(
+                        f"all {len(self.actors)} workers died (nodes lost?) with jobs left; "
+                        "run the stage again to resume: committed images are skipped"
+                    ) from error
+                submit()
+                continue
+            submit()
+            yield result
+
+    def where(self) -> list[dict[str, Any]]:
+        """``where()`` of each live actor: node id, process id, peak memory so far."""
+        return ray.get(self._where([self.actors[i] for i in self.live]))
 
     def close(self) -> None:
         """Stop the actors (their models go with them)."""
         for actor in self.actors:
             ray.kill(actor)
         self.actors = []
+        self.live = []
 
     def __enter__(self) -> WorkerPool:
         return self
@@ -205,6 +338,7 @@ class GeneratorPool(WorkerPool):
         options: ``MaskGenerator`` parameters over the stage grid and the preset
             (``engine.stages.stage_generator``).
         cpus_per_worker: Ray CPUs (and torch threads) per actor.
+        cache_store: the store whose embedding cache the actors use; None: no cache.
     """
 
     def __init__(
@@ -214,8 +348,9 @@ class GeneratorPool(WorkerPool):
         preset: str = "auto",
         options: dict[str, Any] | None = None,
         cpus_per_worker: int = 1,
+        cache_store: Store | None = None,
     ) -> None:
-        args = (checkpoint, preset, dict(options or {}))
+        args = (checkpoint, preset, dict(options or {}), cache_store)
         super().__init__(GeneratorActor, args, workers, cpus_per_worker)
         # The thresholds the actors' generators keep masks at (recorded by the stage).
         self.thresholds: dict[str, float] = self.ready_info
@@ -229,7 +364,14 @@ class BoxPool(WorkerPool):
         checkpoint: model file every actor loads; None: the shipped default model.
         workers: number of actors.
         cpus_per_worker: Ray CPUs (and torch threads) per actor.
+        cache_store: the store whose embedding cache the actors use; None: no cache.
     """
 
-    def __init__(self, checkpoint: str | None, workers: int = 1, cpus_per_worker: int = 1) -> None:
-        super().__init__(BoxActor, (checkpoint,), workers, cpus_per_worker)
+    def __init__(
+        self,
+        checkpoint: str | None,
+        workers: int = 1,
+        cpus_per_worker: int = 1,
+        cache_store: Store | None = None,
+    ) -> None:
+        super().__init__(BoxActor, (checkpoint, cache_store), workers, cpus_per_worker)

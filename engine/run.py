@@ -103,7 +103,22 @@ class EngineSettings(BaseModel):
     points_per_side: int = Field(
         16, ge=1, description="Side of the generators' point grid (side x side prompts)."
     )
+    clip_model: str | None = Field(
+        None,
+        description="open_clip model whose text prompts each retrain also trains (a name such "
+        "as ViT-B-32 with `clip_weights`, or local-dir:/folder); never downloaded. Empty: "
+        "none.",
+    )
+    clip_weights: str | None = Field(
+        None, description="Weights file of a named `clip_model` (open_clip's state dict)."
+    )
     progress: bool = Field(True, description="Show tqdm progress bars.")
+    embedding_cache: bool = Field(
+        True,
+        description="Keep image embeddings in the store (float16, per image encoder) so an "
+        "image is encoded once per encoder: later stages and rounds, and models retrained with "
+        "the encoder frozen, read them back. Off: every stage encodes every image again.",
+    )
     # A plain default, not default_factory, so the form shows it; pydantic copies it per instance.
     generator_options: dict[str, Any] = Field(
         {},
@@ -125,6 +140,10 @@ class EngineSettings(BaseModel):
                 "manual and semi rounds need ground truth for the simulated annotator: give "
                 "annotations (a COCO instances file), or set manual_rounds and semi_rounds to 0 "
                 "for the automatic pass alone",
+            )
+        if self.clip_weights and not self.clip_model:
+            raise PydanticCustomError(
+                "clip_weights_without_model", "clip_weights needs clip_model (which CLIP)"
             )
         unknown = sorted(set(self.generator_options) - generator_parameters())
         if unknown:
@@ -165,7 +184,13 @@ def prepare(settings: EngineSettings) -> dict[str, Any]:
     else:
         summary.update(ingest_folder(store, settings.images, progress=settings.progress))
     plan = plan_of(settings)
-    meta = ensure_initial_model(store, plan, settings.checkpoint, progress=settings.progress)
+    meta = ensure_initial_model(
+        store,
+        plan,
+        settings.checkpoint,
+        progress=settings.progress,
+        embedding_cache=settings.embedding_cache,
+    )
     summary["initial_model"] = {k: meta.get(k) for k in ("version", "source", "metrics")}
     return summary
 
@@ -216,6 +241,7 @@ def annotate_round(settings: EngineSettings, round_: int) -> dict[str, Any]:
             settings.workers,
             options,
             settings.progress,
+            settings.embedding_cache,
         )
     truth, names = ground_truth(store), ground_truth_categories(store)
     annotator = SimulatedAnnotator(
@@ -225,8 +251,20 @@ def annotate_round(settings: EngineSettings, round_: int) -> dict[str, Any]:
         max_clicks=settings.max_clicks,
     )
     if stage == "manual":
-        return assisted_manual(store, round_, plan, ids, meta, annotator, settings.progress)
-    return semi_automatic(store, round_, plan, ids, meta, annotator, options, settings.progress)
+        return assisted_manual(
+            store, round_, plan, ids, meta, annotator, settings.progress, settings.embedding_cache
+        )
+    return semi_automatic(
+        store,
+        round_,
+        plan,
+        ids,
+        meta,
+        annotator,
+        options,
+        settings.progress,
+        settings.embedding_cache,
+    )
 
 
 def retrain_after(settings: EngineSettings, round_: int) -> dict[str, Any] | None:
@@ -246,6 +284,8 @@ def retrain_after(settings: EngineSettings, round_: int) -> dict[str, Any] | Non
         stages=stages,
         include_auto=settings.include_auto,
         seed=settings.seed,
+        clip_model=settings.clip_model,
+        clip_weights=settings.clip_weights,
     )
     return retrain(
         store,

@@ -21,6 +21,10 @@ The two annotation stages write with ``StageWriter(shared=True)``: each image is
 annotator, other runs and people on ``maskmill serve`` can share a round; a run out of images to
 claim waits for the others' and the row is written by whoever completes the round. The automatic
 stage keeps the round-wide writer lease (one pool does the whole pass).
+
+Images are encoded through the store's embedding cache (``engine.embeddings``): an image the
+same image encoder met before (an earlier stage, round or a frozen-encoder retrain's model) is
+not encoded again. ``embedding_cache=False`` turns it off (the model's own float32 features).
 """
 
 from __future__ import annotations
@@ -33,10 +37,12 @@ import numpy as np
 import torch
 
 from maskmill.engine.annotators import Annotation, Annotator
+from maskmill.engine.embeddings import image_embeddings, open_embedding_cache, set_image
 from maskmill.engine.plan import Plan
 from maskmill.model import MaskGenerator, Predictor, Sam, load_checkpoint
 from maskmill.model.concepts import label_records
 from maskmill.storage import ClaimLostError, ImageDoneError, StageWriter, Store
+from maskmill.storage.embeddings import EmbeddingCache
 from maskmill.storage.images import BadImageError, ImageInfo, load_stored_image
 from maskmill.storage.queries import existing_masks, stage_figures
 
@@ -72,13 +78,24 @@ def assisted_manual(
     model_meta: dict[str, Any],
     annotator: Annotator,
     progress: bool = False,
+    embedding_cache: bool = True,
 ) -> dict[str, Any]:
     """Round ``round_`` of assisted-manual annotation over ``image_ids``; returns its rounds row.
 
-    ``model_meta`` is the stored model's meta (``version``, ``uri``, ``metrics``).
+    ``model_meta`` is the stored model's meta (``version``, ``uri``, ``metrics``);
+    ``embedding_cache``: encode through the store's embedding cache (module doc).
     """
     return _annotation_stage(
-        store, round_, "manual", plan, image_ids, model_meta, annotator, None, progress
+        store,
+        round_,
+        "manual",
+        plan,
+        image_ids,
+        model_meta,
+        annotator,
+        None,
+        progress,
+        embedding_cache,
     )
 
 
@@ -91,11 +108,13 @@ def semi_automatic(
     annotator: Annotator,
     generator_options: dict[str, Any] | None = None,
     progress: bool = False,
+    embedding_cache: bool = True,
 ) -> dict[str, Any]:
     """Round ``round_`` of semi-automatic annotation: the generator (:func:`stage_generator`,
     the model's ``semi`` preset, ``generator_options`` over it) pre-fills; the annotator keeps,
     corrects or deletes each pre-filled mask and adds the missing objects; returns its rounds
-    row (with the pre-fill verdicts, see :func:`stage_metrics`)."""
+    row (with the pre-fill verdicts, see :func:`stage_metrics`). ``embedding_cache``: encode
+    through the store's embedding cache (module doc)."""
     return _annotation_stage(
         store,
         round_,
@@ -106,6 +125,7 @@ def semi_automatic(
         annotator,
         generator_options or {},
         progress,
+        embedding_cache,
     )
 
 
@@ -119,6 +139,7 @@ def _annotation_stage(
     annotator: Annotator,
     generator_options: dict[str, Any] | None,
     progress: bool,
+    embedding_cache: bool,
 ) -> dict[str, Any]:
     """A stage of annotated images; ``generator_options`` None: no pre-fill (manual), a dict:
     the ``semi`` pre-fill with those options."""
@@ -136,6 +157,7 @@ def _annotation_stage(
         if todo:
             model = load_checkpoint(model_meta["uri"])
             predictor = Predictor(model)
+            cache = open_embedding_cache(store if embedding_cache else None, model)
             generator = None
             if generator_options is not None:
                 generator = stage_generator(model, "semi", generator_options)
@@ -148,7 +170,7 @@ def _annotation_stage(
                 info = plan.images[image_id]
                 with writer.claims.keep_alive(image_id):
                     result = _annotate(
-                        writer, info, predictor, generator, annotator, earlier[image_id]
+                        writer, info, predictor, generator, annotator, earlier[image_id], cache
                     )
                 if result is None:  # its failure is recorded
                     failed.add(image_id)
@@ -191,16 +213,17 @@ def _annotate(
     generator: MaskGenerator | None,
     annotator: Annotator,
     earlier: list[dict[str, Any]],
+    cache: EmbeddingCache | None,
 ) -> tuple[list[dict[str, Any]], Annotation] | None:
     """The mask records of one image (the kept pre-fill, then the annotator's, numbered) and
     the annotation; None after writing the image's failure (unreadable, or the model step
-    raised)."""
+    raised). ``cache``: the model's embedding cache, or None."""
     image = read_stored_image(writer, info)
     if image is None:
         return None
     try:
         with torch.inference_mode():
-            prefill = encode_and_prefill(predictor, generator, image)
+            prefill = encode_and_prefill(predictor, generator, image, info.image_id, cache)
             annotation = annotator.annotate(
                 info.image_id,
                 image,
@@ -224,20 +247,31 @@ def _annotate(
 
 
 def encode_and_prefill(
-    predictor: Predictor, generator: MaskGenerator | None, image: np.ndarray
+    predictor: Predictor,
+    generator: MaskGenerator | None,
+    image: np.ndarray,
+    image_id: str | None = None,
+    cache: EmbeddingCache | None = None,
 ) -> list[dict[str, Any]]:
-    """Make ``image`` the predictor's current image and return the pre-fill of the semi stage
-    (none without a ``generator``): its masks, source ``model``, each labelled with its concept
-    where the model has a concept head sure of one (``model.concepts.label_records``), so
-    pre-filled masks arrive with categories. The image is encoded once for both."""
-    predictor.set_image(image)
-    if generator is None:
-        return []
-    embedding = predictor.image_embedding
-    if generator.crop_n_layers == 0:
+    """Make ``image`` ((H, W, 3) uint8 RGB) the predictor's current image and return the
+    pre-fill of the semi stage (none without a ``generator``): its masks, source ``model``,
+    each labelled with its concept where the model has a concept head sure of one
+    (``model.concepts.label_records``), so pre-filled masks arrive with categories. The image
+    (and each crop of a generator with crop layers) is encoded once for both, or read from
+    ``cache`` (the model's embedding cache, keyed by ``image_id``; None: no cache)."""
+    if generator is None or generator.crop_n_layers == 0:
+        embedding = set_image(predictor, image_id, image, cache)
+        if generator is None:
+            return []
         records = generator.generate_embedded(embedding)
-    else:  # crops need encodings of their own
-        records = generator.generate(image)
+    else:  # crops need encodings of their own: each is a view of the cache
+        boxes = generator.crop_boxes(image.shape[:2])
+        embeddings = image_embeddings(
+            predictor, image_id, image, boxes, cache, generator.encoder_batch_size
+        )
+        embedding = embeddings[0]  # the whole image
+        predictor.set_image_embedding(embedding)
+        records = generator.generate_from_crops(embeddings)
     labelled = label_records(predictor.model, embedding, records)
     return [{**record, "source": "model"} for record in labelled]
 
@@ -251,25 +285,41 @@ def fully_automatic(
     workers: int = 1,
     generator_options: dict[str, Any] | None = None,
     progress: bool = False,
+    embedding_cache: bool = True,
 ) -> dict[str, Any]:
     """The automatic pass: the stage generator (:func:`stage_generator`, the model's ``auto``
     preset, ``generator_options`` over it) over ``image_ids`` on ``workers`` Ray actors (Ray
     must be initialised, see :func:`engine.ray_pool.init_ray`); returns its rounds row, whose
     metrics add ``worker_seconds`` (the actors' time on this run's images),
-    ``pool_start_seconds`` (actors started, models loaded), ``workers`` and the thresholds
-    used."""
+    ``pool_start_seconds`` (actors started, models loaded), ``workers``, the pool's figures
+    (:func:`_pool_figures`: nodes used, actors lost, images resubmitted, actor peak memory)
+    and the thresholds used. ``embedding_cache``: the actors encode through the store's
+    embedding cache (module doc), crops included.
+
+    A worker node lost mid-stage: its actors' images go to the surviving actors
+    (``engine.ray_pool``); with none left the stage raises and a rerun (the flow's task
+    retry) resumes, skipping every committed image."""
     from maskmill.engine.ray_pool import GeneratorPool  # Ray only where the actors run
 
     version = int(model_meta["version"])
     started = time.perf_counter()
     thresholds: dict[str, float] = {}
     with StageWriter(store, round_, "auto") as writer:
-        jobs = [plan.images[i] for i in image_ids if not writer.done(i)]
+        # One listing of the committed shards, not one request per image: a resume costs the
+        # same whatever the store holds. Jobs are the images' infos (URIs): actors read them.
+        done = set(store.shard_keys("masks", round_, "auto"))
+        jobs = [plan.images[i] for i in image_ids if i not in done]
         worker_seconds = pool_start_seconds = 0.0
+        pool_figures: dict[str, Any] = {}
         if jobs:
-            with GeneratorPool(model_meta["uri"], workers, "auto", generator_options) as pool:
+            cache_store = store if embedding_cache else None
+            with GeneratorPool(
+                model_meta["uri"], workers, "auto", generator_options, cache_store=cache_store
+            ) as pool:
                 pool_start_seconds = pool.start_seconds
                 thresholds = pool.thresholds
+                # Streamed: each result is committed and dropped as it arrives (the pool keeps
+                # a few in flight), so the driver's memory does not grow with the corpus.
                 for result in _bar(pool.map(jobs), f"round {round_} auto", progress, len(jobs)):
                     info = result.image
                     worker_seconds += result.seconds
@@ -284,6 +334,7 @@ def fully_automatic(
                         for i, r in enumerate(result.records)
                     ]
                     writer.write_masks(info.image_id, records, model_version=version)
+                pool_figures = _pool_figures(pool)
         return writer.finish(
             model_version=version,
             metrics={
@@ -291,9 +342,23 @@ def fully_automatic(
                 "worker_seconds": worker_seconds,
                 "pool_start_seconds": pool_start_seconds,
                 "workers": workers,
+                **pool_figures,
                 **thresholds,
             },
         )
+
+
+def _pool_figures(pool: Any) -> dict[str, Any]:
+    """What a finished pool tells of the cluster: ``worker_nodes`` (distinct nodes its actors
+    ran on), ``workers_lost`` (actors that died), ``jobs_resubmitted`` (their images sent to
+    the survivors) and ``actor_peak_rss_mb`` (the largest peak memory of a surviving actor)."""
+    survivors = pool.where()
+    return {
+        "worker_nodes": len(set(pool.node_ids)),
+        "workers_lost": pool.lost,
+        "jobs_resubmitted": pool.resubmitted,
+        "actor_peak_rss_mb": max((w["peak_rss"] for w in survivors), default=0) / 2**20,
+    }
 
 
 def _thresholds(generator: MaskGenerator) -> dict[str, float]:

@@ -17,6 +17,7 @@ COMMAND_MODULES = [
     "maskmill.flows.cli_serve",
     "maskmill.flows.cli_users",
     "maskmill.flows.cli_boxes",
+    "maskmill.flows.cli_text",
 ]
 
 

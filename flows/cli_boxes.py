@@ -46,6 +46,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--ray-address", help="join this Ray cluster (default: a local one)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--no-embedding-cache",
+        dest="embedding_cache",
+        action="store_false",
+        help="encode every image instead of reading its embedding from the store's embedding "
+        "cache (and writing it there)",
+    )
     parser.set_defaults(handler=run_prompt_boxes)
 
 
@@ -72,6 +79,7 @@ def run_prompt_boxes(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         annotations=args.annotations,
         use_ray=use_ray,
+        embedding_cache=args.embedding_cache,
     )
     metrics = json.loads(row["metrics"] or "{}")
     clipped = metrics.get("boxes_clipped", 0)

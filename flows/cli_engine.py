@@ -8,6 +8,8 @@ import sys
 import time
 from typing import TYPE_CHECKING, Any
 
+from maskmill.flows.cli_text import add_clip_arguments
+
 if TYPE_CHECKING:
     from pydantic import ValidationError
 
@@ -29,6 +31,9 @@ SETTINGS_OPTIONS = (
     "scenes",
     "points_per_side",
     "accept_iou",
+    "embedding_cache",
+    "clip_model",
+    "clip_weights",
 )
 # Options that go into ``EngineSettings.generator_options`` (MaskGenerator parameters).
 GENERATOR_OPTIONS = ("pred_iou_thresh", "stability_score_thresh")
@@ -102,6 +107,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--accept-iou", type=float, help="simulated annotator's acceptance IoU (default 0.9)"
     )
+    parser.add_argument(
+        "--no-embedding-cache",
+        dest="embedding_cache",
+        action="store_false",
+        default=None,
+        help="encode every image in every stage instead of keeping its embedding in the store "
+        "(default: kept, float16, per image encoder; `maskmill stats` shows its size)",
+    )
+    add_clip_arguments(parser)
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.set_defaults(handler=run_engine)
 

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
+from maskmill.flows.cli_text import add_clip_arguments, load_clip
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
@@ -16,7 +18,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="segment an image from point / box / text prompts and write a PNG overlay",
         description=(
             "Segment an image from point and box prompts, or find every instance of a concept "
-            "with --text (a category the model's concept head learned from a store). With no "
+            "with --text (a category the model's concept head learned from a store, or any "
+            "phrase with --clip-model, through text prompts trained by fit-text). With no "
             "arguments: a generated photo-like image, a click at its centre, the shipped "
             "default model."
         ),
@@ -57,6 +60,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         type=float,
         help="lowest concept score reported with --text (default: the concept head's own)",
     )
+    add_clip_arguments(parser)
     parser.add_argument("--store", help="use this store's current model (newest promoted)")
     parser.add_argument("--checkpoint", help="official SAM .pth or maskmill checkpoint (path/URL)")
     parser.add_argument(
@@ -92,7 +96,10 @@ def run_segment(args: argparse.Namespace) -> int:
     if args.store:
         from maskmill.engine.plan import concept_model, current_model
 
-        meta = concept_model(args.store) if args.text else current_model(args.store)
+        if args.text:
+            meta = concept_model(args.store, clip=bool(args.clip_model))
+        else:
+            meta = current_model(args.store)
         model, model_name = load_model(meta["uri"])
         model_name = f"{args.store} v{meta['version']}"
     elif args.checkpoint or has_default():
@@ -152,15 +159,21 @@ def _segment_concepts(args: argparse.Namespace, image: np.ndarray, model, model_
 
     from maskmill.engine.overlay import render_overlay
     from maskmill.model import Predictor
-    from maskmill.model.concepts import require_concept_head
+    from maskmill.model.concepts import require_concept_head, require_text_head
 
-    head = require_concept_head(model)
-    for name in args.text:
-        head.index(name)  # an unknown concept is an error before any work
+    clip = load_clip(args, device=model.device)
+    if clip is not None:  # any phrase, through the model's CLIP text prompts
+        require_text_head(model, clip)
+        vocabulary = f"CLIP {clip.name}"
+    else:
+        head = require_concept_head(model)
+        for name in args.text:
+            head.index(name)  # an unknown concept is an error before any work
+        vocabulary = f"concepts: {', '.join(head.names)}"
     predictor = Predictor(model)
     with torch.inference_mode():
         predictor.set_image(image)
-        found = predictor.predict_concept(args.text, threshold=args.threshold)
+        found = predictor.predict_concept(args.text, threshold=args.threshold, text_encoder=clip)
     from pycocotools import mask as mask_utils
 
     panel = image
@@ -173,7 +186,7 @@ def _segment_concepts(args: argparse.Namespace, image: np.ndarray, model, model_
     out.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(panel).save(out)
     height, width = image.shape[:2]
-    print(f"model: {model_name} ({model.config.name}; concepts: {', '.join(head.names)})")
+    print(f"model: {model_name} ({model.config.name}; {vocabulary})")
     print(f"image: {args.image or 'generated scene'} ({width}x{height})")
     for record in found:
         x, y, w, h = record["bbox"]

@@ -55,6 +55,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="your name, stored as source web:<name> (default: the login name); with accounts, "
         "each person's account name is used instead",
     )
+    parser.add_argument(
+        "--no-embedding-cache",
+        dest="embedding_cache",
+        action="store_false",
+        help="encode each image opened instead of reading its embedding from the store's "
+        "embedding cache (and writing it there)",
+    )
     parser.set_defaults(handler=run_serve)
 
 
@@ -79,7 +86,14 @@ def run_serve(args: argparse.Namespace) -> int:
     model, version, meta = resolve_model(store, round_, args.checkpoint)
     name = args.annotator or _login()
     session = AnnotationSession(
-        store, round_, args.stage, model, version, WebAnnotator(name), model_meta=meta
+        store,
+        round_,
+        args.stage,
+        model,
+        version,
+        WebAnnotator(name),
+        model_meta=meta,
+        embedding_cache=args.embedding_cache,
     )
     with stop_on_sigterm("serve"), session:
         if not session.images:

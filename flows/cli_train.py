@@ -7,6 +7,8 @@ import argparse
 import json
 import shlex
 
+from maskmill.flows.cli_text import add_clip_arguments, load_clip
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     _register_pretrain(subparsers)
@@ -184,9 +186,20 @@ def _register_eval(subparsers: argparse._SubParsersAction) -> None:
         "--concepts",
         action="store_true",
         help="also concept-prompt mask AP / AP50 per category (the model's concept head; "
-        "categories matched by name)",
+        "categories matched by name; with --clip-model, every category as a CLIP phrase)",
     )
-    parser.add_argument("--store", help="evaluate this store's model (its concept model)")
+    add_clip_arguments(parser)
+    parser.add_argument(
+        "--store",
+        help="evaluate this store's model (its concept model); the images' embeddings are "
+        "kept in its embedding cache",
+    )
+    parser.add_argument(
+        "--no-embedding-cache",
+        dest="embedding_cache",
+        action="store_false",
+        help="with --store: encode every image instead of using the store's embedding cache",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(handler=run_eval)
@@ -202,12 +215,27 @@ def run_eval(args: argparse.Namespace) -> int:
     if args.store:
         from maskmill.engine.plan import concept_model, current_model
 
-        checkpoint = (concept_model if args.concepts else current_model)(args.store)["uri"]
+        if args.concepts:
+            checkpoint = concept_model(args.store, clip=bool(args.clip_model))["uri"]
+        else:
+            checkpoint = current_model(args.store)["uri"]
     model, _ = load_model(checkpoint)
-    if args.concepts:  # no concept head: an error before the long part
-        from maskmill.model.concepts import require_concept_head
+    clip = load_clip(args, device=model.device)
+    if clip is not None and not args.concepts:
+        raise ValueError("--clip-model is used by --concepts")
+    if args.concepts:  # no concept (or text) head: an error before the long part
+        from maskmill.model.concepts import require_concept_head, require_text_head
 
-        require_concept_head(model)
+        if clip is not None:
+            require_text_head(model, clip)
+        else:
+            require_concept_head(model)
+    cache = None
+    if args.store and args.embedding_cache:
+        from maskmill.engine.embeddings import open_embedding_cache
+        from maskmill.storage import Store
+
+        cache = open_embedding_cache(Store(args.store), model)
     metrics = evaluate_coco(
         model,
         args.annotations,
@@ -215,6 +243,7 @@ def run_eval(args: argparse.Namespace) -> int:
         max_images=args.max_images,
         points_per_side=args.points_per_side,
         progress=not args.no_progress and not args.json,
+        embedding_cache=cache,
     )
     if args.concepts:
         metrics.update(
@@ -224,6 +253,7 @@ def run_eval(args: argparse.Namespace) -> int:
                 args.images,
                 max_images=args.max_images,
                 progress=not args.no_progress and not args.json,
+                text_encoder=clip,
             )
         )
     if args.json:

@@ -4,10 +4,12 @@ maskmill's format is a ``torch.save`` of a dict::
 
     {"format": "maskmill", "format_version": 1, "config": SamConfig.to_dict(),
      "state_dict": {official key: tensor}, "metadata": {...},
-     "concept_head": {"config": ConceptHead.config_dict(), "state_dict": {...}}}  # optional
+     "concept_head": {"config": ConceptHead.config_dict(), "state_dict": {...}},   # optional
+     "text_head": {"config": TextPromptHead.config_dict(), "state_dict": {...}}}   # optional
 
-The concept head (``model.concept_head``, absent from official files) is kept apart from the
-official state dict, so that dict stays loadable by segment-anything as it is.
+The heads (``model.concept_head``, ``model.text_head``: :data:`HEADS`, absent from official
+files) are kept apart from the official state dict, so that dict stays loadable by
+segment-anything as it is.
 
 An official SAM file is a bare state dict; its config is inferred from the tensor shapes.
 """
@@ -26,10 +28,17 @@ from .build import build_model
 from .concept_head import ConceptHead
 from .config import CONFIGS, SamConfig
 from .sam import Sam
+from .text_prompt_head import TextPromptHead
 
 FORMAT_NAME = "maskmill"
 FORMAT_VERSION = 1
 CONCEPT_HEAD_KEY = "concept_head"  # the payload key, and the attribute of Sam
+TEXT_HEAD_KEY = "text_head"
+# Optional heads kept beside the official state dict: payload key (= Sam attribute) -> class.
+HEADS: dict[str, type[ConceptHead] | type[TextPromptHead]] = {
+    CONCEPT_HEAD_KEY: ConceptHead,
+    TEXT_HEAD_KEY: TextPromptHead,
+}
 
 
 class CheckpointError(ValueError):
@@ -69,7 +78,7 @@ def load_checkpoint(
             raise CheckpointError(f"{path_or_url}: invalid config: {error}") from None
         state_dict = payload.get("state_dict")
         metadata = dict(payload.get("metadata") or {})
-        concept_payload = payload.get("concept_head")
+        head_payloads = {key: payload[key] for key in HEADS if payload.get(key) is not None}
     elif (
         isinstance(payload, dict)
         and payload
@@ -77,7 +86,7 @@ def load_checkpoint(
     ):
         state_dict = payload
         config = infer_config(state_dict, source=path_or_url)
-        metadata, concept_payload = {}, None
+        metadata, head_payloads = {}, {}
     else:
         kind = type(payload).__name__
         keys = list(payload)[:5] if isinstance(payload, dict) else []
@@ -90,8 +99,8 @@ def load_checkpoint(
         raise CheckpointError(f"{path_or_url}: 'state_dict' is missing or not a dict")
     model = build_model(config)
     _load_strict(model, state_dict, source=path_or_url)
-    if concept_payload is not None:
-        model.concept_head = _concept_head(concept_payload, source=path_or_url)
+    for key, head_payload in head_payloads.items():
+        setattr(model, key, _head(key, head_payload, source=path_or_url))
     model.metadata = metadata
     return model.to(device=device, dtype=dtype).eval()
 
@@ -132,25 +141,28 @@ def checkpoint_payload(
             out[key] = tensor.clone()
         return out
 
-    head = getattr(model, "concept_head", None)
+    state_dict = tensors(model)
+    state_dict = {k: v for k, v in state_dict.items() if k.split(".")[0] not in HEADS}
     payload = {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
         "config": model.config.to_dict(),
-        "state_dict": tensors(model, skip=f"{CONCEPT_HEAD_KEY}."),
+        "state_dict": state_dict,
         "metadata": dict(metadata or {}),
     }
-    if head is not None:
-        payload[CONCEPT_HEAD_KEY] = {"config": head.config_dict(), "state_dict": tensors(head)}
+    for key in HEADS:
+        head = getattr(model, key, None)
+        if head is not None:
+            payload[key] = {"config": head.config_dict(), "state_dict": tensors(head)}
     return payload
 
 
-def _concept_head(payload: Any, source: str) -> ConceptHead:
-    """The concept head stored beside the weights, loaded strictly."""
+def _head(key: str, payload: Any, source: str) -> ConceptHead | TextPromptHead:
+    """The head ``key`` stored beside the weights, loaded strictly."""
     if not isinstance(payload, dict) or not isinstance(payload.get("state_dict"), dict):
-        raise CheckpointError(f"{source}: 'concept_head' must hold 'config' and 'state_dict'")
+        raise CheckpointError(f"{source}: {key!r} must hold 'config' and 'state_dict'")
     try:
-        head = ConceptHead.from_config(payload.get("config") or {})
+        head = HEADS[key].from_config(payload.get("config") or {})
     except ValueError as error:
         raise CheckpointError(f"{source}: {error}") from None
     state_dict = payload["state_dict"]
@@ -161,7 +173,7 @@ def _concept_head(payload: Any, source: str) -> ConceptHead:
         if getattr(state_dict[key], "shape", None) != expected[key].shape
     )
     if wrong:
-        raise CheckpointError(f"{source}: concept head does not match its config: {wrong[:10]}")
+        raise CheckpointError(f"{source}: {key} does not match its config: {wrong[:10]}")
     head.load_state_dict({k: v.to(expected[k].dtype) for k, v in state_dict.items()})
     return head.eval()
 

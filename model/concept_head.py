@@ -21,6 +21,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .text_encoder import TextEncoder
+
 # Ring of context around a mask, in embedding cells (one cell = patch_size input pixels).
 CONTEXT_CELLS = 2
 
@@ -81,8 +83,10 @@ def concept_key(name: str) -> str:
     return " ".join(str(name).split()).casefold()
 
 
-class ConceptHead(nn.Module):
+class ConceptHead(nn.Module, TextEncoder):
     """Scores (N, feature_dim) mask features against K learned concepts.
+
+    As a :class:`~maskmill.model.text_encoder.TextEncoder` it knows its own names only.
 
     ``features -> standardise -> MLP -> unit vector z``; concept k has a learned unit vector
     ``e_k``; ``logit = scale * <z, e_k> + bias`` and the score is its sigmoid.
@@ -146,6 +150,15 @@ class ConceptHead(nn.Module):
         raise UnknownConceptError(
             f"unknown concept {name!r}; this model knows {', '.join(map(repr, self.names))}"
         )
+
+    def encode_text(self, texts: Sequence[str]) -> torch.Tensor:
+        """(K, embed_dim) unit concept vectors of known names.
+
+        Raises:
+            UnknownConceptError: a name this head does not know.
+        """
+        rows = [self.index(text) for text in texts]
+        return F.normalize(self.concepts[rows].detach(), dim=1)
 
     # ------------------------------------------------------------------------------- scoring
 

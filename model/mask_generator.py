@@ -299,9 +299,48 @@ class MaskGenerator:
         """
         if self.crop_n_layers > 0:
             raise ValueError("generate_embedded covers the whole image only (crop_n_layers=0)")
-        height, width = embedding.original_size
-        crop = self._process_crop(embedding, [0, 0, width, height], 0, (height, width))
-        return self._finish([crop], (height, width), 1)
+        return self.generate_from_crops([embedding])
+
+    def crop_boxes(self, image_size: tuple[int, int]) -> list[list[int]]:
+        """The crops :meth:`generate` encodes for an image of ``image_size`` (H, W): XYXY
+        pixel boxes (exclusive right/bottom), the whole image first, then each crop layer's."""
+        boxes, _ = generate_crop_boxes(image_size, self.crop_n_layers, self.crop_overlap_ratio)
+        return boxes
+
+    @torch.inference_mode()
+    def generate_from_crops(self, embeddings: Sequence[ImageEmbedding]) -> list[dict[str, Any]]:
+        """:meth:`generate` for an image whose crops are already encoded (a caller that keeps
+        embeddings, e.g. a cache, runs no encoder here): ``embeddings[i]`` is the crop
+        ``crop_boxes(image_size)[i]`` cut from the image (``image[y0:y1, x0:x1]``) and encoded,
+        so ``embeddings[0]`` is the whole image and its ``original_size`` is the image's (H, W).
+        Same records as :meth:`generate` on the same embeddings.
+
+        Raises:
+            ValueError: the number of embeddings or a crop's (H, W) does not match.
+        """
+        if not embeddings:
+            raise ValueError("generate_from_crops needs the whole image's embedding at least")
+        height, width = embeddings[0].original_size
+        boxes, layers = generate_crop_boxes(
+            (height, width), self.crop_n_layers, self.crop_overlap_ratio
+        )
+        if len(embeddings) != len(boxes):
+            raise ValueError(
+                f"{len(embeddings)} crop embeddings given; crop_n_layers={self.crop_n_layers} "
+                f"needs {len(boxes)} for a {height}x{width} (H x W) image"
+            )
+        crops = []
+        for index, (embedding, box, layer) in enumerate(
+            zip(embeddings, boxes, layers, strict=True)
+        ):
+            x0, y0, x1, y1 = box
+            if tuple(embedding.original_size) != (y1 - y0, x1 - x0):
+                raise ValueError(
+                    f"embeddings[{index}] is of a {embedding.original_size} (H, W) image; crop "
+                    f"{box} (XYXY) is {(y1 - y0, x1 - x0)}"
+                )
+            crops.append(self._process_crop(embedding, box, layer, (height, width)))
+        return self._finish(crops, (height, width), len(boxes))
 
     # -------------------------------------------------------------------------------- internals
 

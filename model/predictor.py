@@ -10,6 +10,7 @@ import torch
 
 from .mask_decoder import DecoderImage
 from .sam import Sam
+from .text_encoder import TextEncoder
 from .transforms import resize_longest_side, scale_coords, to_rgb_uint8
 
 
@@ -134,6 +135,7 @@ class Predictor:
         mask_input: np.ndarray | None = None,
         multimask_output: bool = True,
         return_logits: bool = False,
+        text_embedding: np.ndarray | torch.Tensor | None = None,
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Masks for one prompt on the current image.
 
@@ -145,6 +147,9 @@ class Predictor:
                 embedding side, 256 for SAM).
             multimask_output: three ambiguity-aware masks instead of one.
             return_logits: return logits instead of boolean masks.
+            text_embedding: (D,) CLIP embedding of a phrase (``ClipEncoder.encode_text``),
+                one more prompt token through the model's ``text_head`` (the SAM paper's text
+                prompt); alone or with points, a box, a mask.
 
         Returns:
             masks (C, H, W) bool (or float logits), iou_predictions (C,), low_res_logits
@@ -162,10 +167,15 @@ class Predictor:
             boxes = _check_boxes(box, height, width, batched=False)[None]
         if mask_input is not None:
             masks = _check_mask_input(mask_input, self._mask_input_side, batched=False)[None]
-        if coords is None and boxes is None and masks is None:
-            raise ValueError("no prompt given: pass point_coords/point_labels, box or mask_input")
+        text_tokens = None
+        if text_embedding is not None:
+            text_tokens = self.text_tokens(torch.as_tensor(text_embedding).reshape(1, -1))
+        if coords is None and boxes is None and masks is None and text_tokens is None:
+            raise ValueError(
+                "no prompt given: pass point_coords/point_labels, box, mask_input or text_embedding"
+            )
         out_masks, iou, low_res = self._predict_checked(
-            coords, labels, boxes, masks, multimask_output, return_logits
+            coords, labels, boxes, masks, multimask_output, return_logits, text_tokens=text_tokens
         )
         return (
             out_masks[0].cpu().numpy(),
@@ -173,10 +183,28 @@ class Predictor:
             low_res[0].float().cpu().numpy(),
         )
 
+    def text_tokens(self, text_embeddings: torch.Tensor) -> torch.Tensor:
+        """(K, D) CLIP embeddings -> (K, 1, prompt_dim) prompt tokens (the model's
+        ``text_head``).
+
+        Raises:
+            ValueError: the model has no text head (it was not trained with a CLIP).
+        """
+        head = getattr(self.model, "text_head", None)
+        if head is None:
+            raise ValueError(
+                "this model has no text prompts: train them with a CLIP (`maskmill fit-text`, "
+                "or `maskmill run --clip-model ...`)"
+            )
+        with torch.inference_mode():
+            tokens = head.prompt_tokens(text_embeddings.to(self.model.device))
+        return tokens.to(self._dtype)
+
     def predict_concept(
         self,
         text: str | Sequence[str] | None = None,
         threshold: float | None = None,
+        text_encoder: TextEncoder | None = None,
     ) -> list[dict]:
         """Every instance of a concept in the current image (``model.concepts.find_instances``).
 
@@ -184,6 +212,9 @@ class Predictor:
             text: a concept name ("hazelnut"), several, or None for every concept the model's
                 concept head knows; names compare case-insensitively.
             threshold: lowest concept score reported; None: the head's own.
+            text_encoder: a :class:`~maskmill.model.text_encoder.ClipEncoder` to find any
+                phrase (open vocabulary, through the model's ``text_head``); None: the concepts
+                the model learned from its store.
 
         Returns:
             SA-1B records (``segmentation`` COCO RLE, ``area``, ``bbox`` XYWH, ``predicted_iou``,
@@ -195,7 +226,9 @@ class Predictor:
         from .concepts import find_instances  # concepts builds on this module
 
         names = [text] if isinstance(text, str) else (list(text) if text is not None else None)
-        return find_instances(self.model, self.image_embedding, names, threshold=threshold)
+        return find_instances(
+            self.model, self.image_embedding, names, threshold=threshold, text_encoder=text_encoder
+        )
 
     def predict_batch(
         self,
@@ -261,6 +294,7 @@ class Predictor:
         multimask_output: bool,
         return_logits: bool,
         upsample: bool = True,
+        text_tokens: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         embedding = self.image_embedding
         model, device, dtype = self.model, self.model.device, self._dtype
@@ -277,7 +311,9 @@ class Predictor:
         masks_t = None
         if masks is not None:
             masks_t = torch.as_tensor(masks, dtype=dtype, device=device)
-        low_res, iou = self.decode(embedding, points, boxes_t, masks_t, multimask_output)
+        low_res, iou = self.decode(
+            embedding, points, boxes_t, masks_t, multimask_output, text_tokens=text_tokens
+        )
         if not upsample:
             return low_res, iou, low_res
         out = model.postprocess_masks(low_res, embedding.input_size, embedding.original_size)
@@ -292,6 +328,7 @@ class Predictor:
         boxes: torch.Tensor | None,
         masks: torch.Tensor | None,
         multimask_output: bool,
+        text_tokens: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Prompt encoder + mask decoder on prompts already in model-input coordinates.
 
@@ -301,12 +338,17 @@ class Predictor:
             boxes: (B, 4) XYXY in the resized image.
             masks: (B, 1, h, w) mask logits.
             multimask_output: three masks per prompt instead of one.
+            text_tokens: (B, T, prompt_dim) more sparse tokens (:meth:`text_tokens`).
 
         Returns:
             low-resolution logits (B, C, h, w) and predicted IoUs (B, C).
         """
         model = self.model
         sparse, dense = model.prompt_encoder(points, boxes, masks)
+        if text_tokens is not None:
+            if sparse.shape[1] == 0:  # text alone: the prompt batch is the text's
+                sparse = sparse.new_empty((text_tokens.shape[0], 0, sparse.shape[2]))
+            sparse = torch.cat([sparse, text_tokens.to(sparse.dtype)], dim=1)
         if masks is not None:
             image = model.mask_decoder.prepare_image(
                 embedding.features + dense, model.prompt_encoder.get_dense_pe()

@@ -5,6 +5,7 @@ the questions the engine asks (``storage.queries``). Imports neither prefect nor
 from maskmill.storage.catalog import Catalog
 from maskmill.storage.claims import CLAIM_TTL_S, ImageClaims
 from maskmill.storage.coco import ImportResult, export_coco, export_sa1b, import_coco
+from maskmill.storage.embeddings import EmbeddingCache, cache_size
 from maskmill.storage.errors import (
     BadImageError,
     ClaimLostError,
@@ -13,6 +14,7 @@ from maskmill.storage.errors import (
     ImageDoneError,
     MaskSizeError,
     MissingImageError,
+    NoExclusiveCreateError,
     NotAStoreError,
     StorageError,
     ValidationErrors,
@@ -34,6 +36,7 @@ __all__ = [
     "Catalog",
     "ClaimLostError",
     "CocoFormatError",
+    "EmbeddingCache",
     "GroundTruthConflictError",
     "ImageClaims",
     "ImageDoneError",
@@ -41,6 +44,7 @@ __all__ = [
     "ImportResult",
     "MaskSizeError",
     "MissingImageError",
+    "NoExclusiveCreateError",
     "NotAStoreError",
     "StageLease",
     "StageWriter",
@@ -48,6 +52,7 @@ __all__ = [
     "Store",
     "ValidationErrors",
     "WriterConflictError",
+    "cache_size",
     "compute_stats",
     "export_coco",
     "export_sa1b",

@@ -1,8 +1,11 @@
 """A DuckDB catalog over a store: one view per table, read straight from the Parquet shards.
 
 Masks are read with hive partitioning (``round=R/stage=S`` folders). Non-local stores register
-their fsspec filesystem with DuckDB, so ``memory://``, ``s3://``, ``gs://``... read the same way.
-A catalog is a snapshot of the shard *list* when it was opened; reopen it to see new shards.
+their fsspec filesystem with DuckDB, so ``memory://``, ``s3://``, ``gs://``... read the same way
+(``s3://`` through s3fs, not DuckDB's own httpfs: one set of credentials, the environment's).
+A catalog is a snapshot of the shard *list* when it was opened (listed afresh then:
+``Store.shards`` drops fsspec's cached listings, which then spare DuckDB a request per file);
+reopen it to see new shards.
 """
 
 from __future__ import annotations

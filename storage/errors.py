@@ -22,6 +22,13 @@ class ImageDoneError(WriterConflictError):
     that held its claim): a second commit is refused, so an image is written only once."""
 
 
+class NoExclusiveCreateError(StorageError):
+    """A store whose filesystem cannot create an object only when none is there (an atomic
+    exclusive create: a hard link locally, a conditional PUT with ``If-None-Match: *`` on S3):
+    writer leases, image claims and shared commits would race there, so nothing that needs
+    them is written. The message names the store's URL and what failed."""
+
+
 class NotAStoreError(StorageError):
     """A store URL names no store a command can use: nothing there, a file, or a folder without
     any of a store's tables (a typo, usually)."""

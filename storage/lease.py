@@ -3,8 +3,9 @@ per-image claims (``storage.claims``).
 
 A lock is a small JSON object (:func:`lock_record`: token, owner, host, pid, expiry) created
 with an exclusive create (:meth:`Store.create_exclusive`: a hard link of a complete temp file
-on local disks, a conditional PUT on object stores whose fsspec package supports it), so it
-appears whole or not at all. Whoever finds it there is
+on local disks, a conditional PUT with ``If-None-Match: *`` on S3; a store that can do neither
+is refused with :class:`NoExclusiveCreateError`), so it appears whole or not at all, and of
+two writers creating it at once exactly one succeeds. Whoever finds it there is
 refused, unless the lock is stale: past its expiry, or held by a process on this host that no
 longer exists (a killed writer). A stale lock is replaced by the one writer that creates its
 takeover marker, so of several writers racing for it only one wins (:func:`take_lock`).
@@ -82,7 +83,8 @@ def take_lock(
         except FileExistsError:
             pass
         else:
-            # Read back: where a filesystem has no exclusive create, the last writer wins.
+            # Read back (one small GET): a check that costs little, should a store's exclusive
+            # create ever not be one (a local mount without hard links checks, then renames).
             store.fs.invalidate_cache()
             mine = read_lock(store, path)
             if mine is not None and mine.get("token") == record["token"]:

@@ -4,15 +4,18 @@ Every figure comes per round and stage and overall (``GROUPING SETS``), in one s
 question: masks per image, relative mask size buckets, predicted-IoU and stability histograms,
 failures, and the rounds table's model metrics. Per person (each ``source`` of a person's
 masks): images, masks, seconds, clicks and strokes per mask, and review acceptance; and the
-review verdicts per round and stage.
+review verdicts per round and stage. The embedding cache's size (entries, bytes, encoders) comes
+from a listing of its files (``storage.embeddings.cache_size``), not from SQL.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 from maskmill.storage.catalog import Catalog
+from maskmill.storage.embeddings import cache_size
 from maskmill.storage.queries import LATEST_VERDICTS, REVIEWABLE
 
 # Relative mask size as in the SA-1B paper: sqrt(mask area / image area).
@@ -34,6 +37,49 @@ def score_bucket_sql(column: str, bins: int = SCORE_BINS) -> str:
     scaled = f"floor({column}::DOUBLE * {bins} + 1e-6)"
     clamped = f"least(greatest({scaled}, 0), {bins - 1})::INTEGER"
     return f"CASE WHEN {column} IS NOT NULL THEN {clamped} END"
+
+
+def _boundaries_sql(uppers: list[float]) -> str:
+    """A DOUBLE[] literal of histogram boundaries (each written so it parses back exactly),
+    closed by infinity: ``histogram(x, boundaries)`` counts x into the first boundary >= x."""
+    values = ", ".join(f"'{value!r}'::DOUBLE" for value in uppers)
+    return f"[{values}, 'infinity'::DOUBLE]"
+
+
+def size_boundaries_sql() -> str:
+    """Boundaries giving :func:`size_bucket_sql`'s buckets in DuckDB's ``histogram(x,
+    boundaries)``, several times faster on millions of rows than ``histogram`` of a CASE: it
+    counts x <= boundary where the CASE has x < edge, so each edge moves one ulp down."""
+    return _boundaries_sql([math.nextafter(edge, -math.inf) for edge in SIZE_EDGES[1:-1]])
+
+
+def score_boundaries_sql(bins: int = SCORE_BINS) -> str:
+    """Boundaries giving :func:`score_bucket_sql`'s bins in ``histogram(x::DOUBLE,
+    boundaries)``: bin k holds floor(x * bins + 1e-6) = k, i.e. x < (k + 1 - 1e-6) / bins;
+    below 0 falls in the first bin, above 1 in the last, NULL in none."""
+    return _boundaries_sql(
+        [math.nextafter((k + 1 - 1e-6) / bins, -math.inf) for k in range(bins - 1)]
+    )
+
+
+def _binned(histogram: dict[float, int] | None) -> dict[int, int]:
+    """A boundaries histogram (boundary -> count) as bin index -> count."""
+    return {i: int(n) for i, (_, n) in enumerate(sorted((histogram or {}).items()))}
+
+
+def _summed(rows: list[tuple]) -> tuple:
+    """Column-wise sums of rows of histograms (dicts, added key by key) and counts."""
+    totals: list[Any] = []
+    for column in zip(*rows, strict=True):
+        if isinstance(column[0], dict) or column[0] is None:
+            total: dict[Any, int] = {}
+            for histogram in column:
+                for key, n in (histogram or {}).items():
+                    total[key] = total.get(key, 0) + int(n)
+            totals.append(total)
+        else:
+            totals.append(sum(int(n) for n in column))
+    return tuple(totals)
 
 
 def _counts(histogram: dict[int, int] | None, bins: int) -> list[int]:
@@ -60,17 +106,26 @@ def compute_stats(catalog: Catalog) -> dict[str, Any]:
         FROM per_image GROUP BY overall, round, stage
         """
     ).fetchall()
-    hist = con.execute(
+    # Per round and stage only: the overall histograms are their sums (added up below), which
+    # spares a second aggregation of every row (10 M masks: ~0.6 s instead of ~3.7 s).
+    scores = score_boundaries_sql()
+    by_group = con.execute(
         f"""
-        SELECT GROUPING(round) AS overall, round, stage,
-               histogram({size_bucket_sql()}) AS size,
-               histogram({score_bucket_sql("predicted_iou")}) AS iou,
-               histogram({score_bucket_sql("stability_score")}) AS stability,
+        SELECT round, stage,
+               histogram(sqrt(area / (height * width)), {size_boundaries_sql()}) AS size,
+               histogram(predicted_iou::DOUBLE, {scores}) AS iou,
+               histogram(stability_score::DOUBLE, {scores}) AS stability,
                count(predicted_iou) AS with_iou, count(stability_score) AS with_stability,
                histogram(source) AS sources
-        FROM masks GROUP BY GROUPING SETS ((round, stage), ())
+        FROM masks GROUP BY round, stage
         """
     ).fetchall()
+    hist = [
+        (0, round_, stage, _binned(size), _binned(iou), _binned(stab), *rest)
+        for round_, stage, size, iou, stab, *rest in by_group
+    ]
+    if by_group:
+        hist.append((1, None, None, *_summed([row[3:] for row in hist])))
 
     groups: dict[tuple, dict[str, Any]] = {}
     for overall, round_, stage, images, masks, mean, median, p90 in per_image:
@@ -155,6 +210,7 @@ def compute_stats(catalog: Catalog) -> dict[str, Any]:
     reviewers, verdicts = con.execute(
         "SELECT count(DISTINCT reviewer), count(*) FROM reviews"
     ).fetchone()
+    cache = cache_size(catalog.store)
 
     return {
         "store": catalog.store.url,
@@ -194,6 +250,11 @@ def compute_stats(catalog: Catalog) -> dict[str, Any]:
             "corrected": review_total["corrected"] if review_total else 0,
             "acceptance_rate": review_total["acceptance_rate"] if review_total else None,
             "groups": review_groups,
+        },
+        "embedding_cache": {
+            "entries": cache.entries,
+            "bytes": cache.bytes,
+            "encoders": cache.encoders,
         },
     }
 
@@ -261,6 +322,12 @@ def format_stats(stats: dict[str, Any]) -> str:
                 f"{r['images']} images  {r['masks']} masks  {metrics}"
             )
     lines.append(f"models   {stats['models']}")
+    cache = stats.get("embedding_cache")
+    if cache is not None:
+        lines.append(
+            f"embedding cache  {cache['entries']} embeddings, {_size(cache['bytes'])} "
+            f"({cache['encoders']} image encoder{'' if cache['encoders'] == 1 else 's'})"
+        )
     if stats["annotators"]:
         lines += [
             "",
@@ -285,6 +352,16 @@ def format_stats(stats: dict[str, Any]) -> str:
         for g in reviews["groups"]:
             lines.append(f"  round {g['round']} {g['stage']:<6} {_review_line(g, 'reviewed')}")
     return "\n".join(lines)
+
+
+def _size(n_bytes: int) -> str:
+    """Bytes for people: ``512 B``, ``1.5 MB``, ``2.0 GB`` (powers of 1024)."""
+    size, unit = float(n_bytes), "B"
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if size < 1024 or unit == "TB":
+            break
+        size /= 1024
+    return f"{int(size)} B" if unit == "B" else f"{size:.1f} {unit}"
 
 
 def _percent(rate: float | None) -> str:

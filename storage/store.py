@@ -18,27 +18,41 @@ in one whole-object write (object stores and ``memory://``: a PUT is visible who
 all). Final names are deterministic, so the same unit of work written twice replaces its shard.
 An exclusive commit (``write_shard(..., exclusive=True)``: a shared writer's image) never
 replaces: a hard link of the temp file fails when the final name exists (local disks), as does a
-create-only write (``open(..., "xb")``, a conditional PUT) on object stores.
+create-only write on object stores (:meth:`Store.create_exclusive`).
+
+Object stores (see README, "Object stores"): an exclusive create is ``pipe_file(...,
+mode="create")``, on S3 one PUT with ``If-None-Match: *`` that the server refuses (412) when the
+key exists. Only filesystems known to make that one atomic request (``EXCLUSIVE_CREATE_PROTOCOLS``)
+are used for it, and the server is probed once per store and process (a second create of a
+fresh key must be refused: an S3-compatible server that ignores the header would overwrite);
+elsewhere :class:`NoExclusiveCreateError`, never a check-then-write race. fsspec caches the
+listings of object stores: every method that asks what is committed (``shards``,
+``shard_keys``, ``has_shard``, ``require``, ``model_metas``) drops them first, so it sees what
+other processes wrote, and a catalog then reads the shards it listed without a request each.
+Endpoint and credentials come from the environment (``AWS_ENDPOINT_URL``,
+``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``), which local Ray workers and ``serve`` inherit.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import io
 import json
 import os
 import re
+import threading
 import time
 import uuid
 from collections.abc import Callable
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, NoReturn
 
 import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
-from maskmill.storage.errors import NotAStoreError, StorageError
+from maskmill.storage.errors import NoExclusiveCreateError, NotAStoreError, StorageError
 from maskmill.storage.schema import DICTIONARY_COLUMNS, PARTITIONED, SCHEMAS
 
 _KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -47,6 +61,17 @@ _TMP_SUFFIX = ".tmp"
 ROW_GROUP_ROWS = 128 * 1024
 # zstd level 3: level 9 saves ~4 % of bytes for 4x the encoding time.
 PARQUET_OPTIONS: dict[str, Any] = {"compression": "zstd", "compression_level": 3}
+# fsspec protocols whose ``pipe_file(path, data, mode="create")`` is one atomic create-if-absent
+# request (s3fs: a PUT with ``If-None-Match: *``; memory: within its one process). fsspec's
+# default for other filesystems checks, then writes: a race, so they are refused. Add one here
+# only once its package sends a server-side conditional write.
+EXCLUSIVE_CREATE_PROTOCOLS = frozenset({"s3", "s3a", "memory"})
+# Concurrent conditional PUTs of one key may be answered 409 (AWS: ConditionalRequestConflict,
+# "retry"): the retries then see the winner's object (412) or find the key free.
+_CONFLICT_RETRIES = 5
+# Store roots (per filesystem) whose exclusive create was probed: None when it works, else why not.
+_EXCLUSIVE_PROBED: dict[tuple[fsspec.AbstractFileSystem, str], str | None] = {}
+_PROBE_LOCK = threading.Lock()
 
 
 class Store:
@@ -71,12 +96,17 @@ class Store:
         A store is a folder holding at least one table folder (``images/``, ``masks/``, ...).
         Commands that only read (``create`` false) need one there, so a typo is an error
         rather than an empty store; commands that make a store (``create``) need the URL not
-        to be a file.
+        to be a file, and an object store that can create exclusively
+        (:meth:`check_exclusive_create`), so they fail before writing anything.
         """
         self.fs.invalidate_cache()
         if self.fs.isfile(self.root):
             raise NotAStoreError(f"{self.url}: is a file, not a store folder")
-        if create or any(self.fs.isdir(self.path(table)) for table in SCHEMAS):
+        if create:
+            if not self.local:
+                self.check_exclusive_create()  # before anything is written there
+            return self
+        if any(self.fs.isdir(self.path(table)) for table in SCHEMAS):
             return self
         if self.fs.exists(self.root):
             tables = ", ".join(f"{table}/" for table in SCHEMAS)
@@ -132,8 +162,11 @@ class Store:
     def has_shard(
         self, table: str, key: str, round_: int | None = None, stage: str | None = None
     ) -> bool:
-        """Whether the shard of ``table`` for unit of work ``key`` is committed."""
-        return self.fs.exists(self.shard_path(table, key, round_, stage))
+        """Whether the shard of ``table`` for unit of work ``key`` is committed (asked of the
+        store itself: a listing cached before another process committed it would say no)."""
+        path = self.shard_path(table, key, round_, stage)
+        self.fs.invalidate_cache(self.fs._parent(path))
+        return self.fs.exists(path)
 
     # -- the commit protocol ----------------------------------------------------------------
     def write_shard(
@@ -223,24 +256,91 @@ class Store:
 
         Local disks: a hard link to a complete temp file (as an exclusive shard commit), so a
         reader never sees the object half-written (an ``O_EXCL`` create would show it empty
-        first, and a lock read empty looks stale). Elsewhere ``open(..., "xb")``: a conditional
-        PUT on object stores whose fsspec package supports it. A filesystem without exclusive
-        create is checked, then written: a narrow race remains there, which leases and claims
-        narrow further by reading back what they wrote.
+        first, and a lock read empty looks stale). Object stores: one conditional PUT
+        (``pipe_file(..., mode="create")``: ``If-None-Match: *`` on S3, a single request for
+        objects under 100 MiB, and the completion of a multipart upload is conditional too);
+        the server's 412 becomes FileExistsError. A store that cannot do this raises
+        :class:`NoExclusiveCreateError` (:meth:`check_exclusive_create`): never a race.
         """
         if self.local:
             _write_local(path, lambda handle: handle.write(data), exclusive=True, durable=False)
             return
+        self.check_exclusive_create()
         self.fs.makedirs(self.fs._parent(path), exist_ok=True)
-        try:
-            with self.fs.open(path, "xb") as handle:
-                handle.write(data)
+        self._create(path, data)
+
+    def check_exclusive_create(self) -> None:
+        """Raise :class:`NoExclusiveCreateError` naming the URL unless this store can create an
+        object only when none is there. Local disks can (hard links). Object stores: only
+        filesystems of ``EXCLUSIVE_CREATE_PROTOCOLS``, and only when the server refuses a
+        second create of a fresh probe key (checked once per store root and process; the probe
+        object is removed)."""
+        if self.local:
             return
-        except (NotImplementedError, ValueError):
-            pass  # this fsspec filesystem has no exclusive create
-        if self.fs.exists(path):
-            raise FileExistsError(path)
-        self.fs.pipe_file(path, data)
+        protocols = self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,)
+        if not EXCLUSIVE_CREATE_PROTOCOLS.intersection(protocols):
+            self._refuse(
+                f"its filesystem ({type(self.fs).__name__}) has no atomic create-if-absent "
+                f"(known to have one: {', '.join(sorted(EXCLUSIVE_CREATE_PROTOCOLS))})"
+            )
+        key = (self.fs, self.root)
+        with _PROBE_LOCK:
+            if key not in _EXCLUSIVE_PROBED:
+                _EXCLUSIVE_PROBED[key] = self._probe_exclusive_create()
+            reason = _EXCLUSIVE_PROBED[key]
+        if reason is not None:
+            self._refuse(reason)
+
+    def _probe_exclusive_create(self) -> str | None:
+        """Create a fresh probe key twice: None when the second create is refused, else why the
+        store cannot create exclusively. Errors that say nothing about it (the network, access
+        rights, a missing bucket) propagate and are not remembered."""
+        probe = self.path("locks", f".exclusive-create-probe-{uuid.uuid4().hex}")
+        self.fs.makedirs(self.fs._parent(probe), exist_ok=True)
+        try:
+            self._create(probe, b"1")
+            try:
+                self._create(probe, b"2")
+            except FileExistsError:
+                return None  # refused: the create is exclusive
+        except (NotImplementedError, TypeError, ValueError) as error:
+            return f"its filesystem refused a create-only write ({type(error).__name__}: {error})"
+        except OSError as error:
+            if error.errno != errno.ENOSYS:  # the server's 501 NotImplemented
+                raise
+            return f"the server does not implement conditional writes ({error})"
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                self.fs.rm_file(probe)
+        return "the server accepted a second create of one key (it ignores If-None-Match: *)"
+
+    def _refuse(self, reason: str) -> NoReturn:
+        raise NoExclusiveCreateError(
+            f"{self.url}: this store cannot create an object only when none is there: {reason}. "
+            "Writer leases and image claims cannot be safe on it, so maskmill does not write "
+            "there; use an S3 endpoint that honours conditional PUTs (If-None-Match: *) or a "
+            "local folder."
+        )
+
+    def _create(self, path: str, data: bytes) -> None:
+        """One create-only write of ``path``: FileExistsError when the key exists (an S3 412,
+        whatever the server names the condition); an S3 409 (a concurrent conditional write of
+        the key) is retried."""
+        for attempt in range(_CONFLICT_RETRIES + 1):
+            try:
+                self.fs.pipe_file(path, data, mode="create")
+                return
+            except FileExistsError:
+                raise FileExistsError(path) from None
+            except OSError as error:
+                code = _service_error_code(error)
+                if code in ("PreconditionFailed", "412"):
+                    raise FileExistsError(path) from None
+                if code not in ("ConditionalRequestConflict", "409") or (
+                    attempt == _CONFLICT_RETRIES
+                ):
+                    raise
+                time.sleep(0.05 * 2**attempt)
 
     def write_model(self, version: int, model_bytes: bytes, meta: dict[str, Any]) -> str:
         """Store checkpoint ``models/v<version>/model.pt`` and its ``meta.json``; return the URL.
@@ -264,6 +364,17 @@ class Store:
             meta["uri"] = self.url_of(path.rsplit("/", 1)[0] + "/model.pt")
             metas.append(meta)
         return sorted(metas, key=lambda m: m["version"])
+
+
+def _service_error_code(error: BaseException) -> str | None:
+    """The error code (``PreconditionFailed``, ...) or HTTP status of the object store's answer
+    behind an fsspec OSError (s3fs keeps botocore's ClientError as the cause), else None."""
+    response = getattr(error.__cause__, "response", None)
+    if not isinstance(response, dict):
+        return None
+    code = response.get("Error", {}).get("Code")
+    status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+    return str(code or status) if (code or status) else None
 
 
 def check_key(key: str, what: str) -> str:

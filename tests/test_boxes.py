@@ -22,6 +22,7 @@ from maskmill.engine.boxes import (
     prompt_boxes,
     read_detections,
 )
+from maskmill.engine.embeddings import open_embedding_cache
 from maskmill.engine.evaluate import METRIC_KEYS, box_prompt_ap, evaluate_coco, format_table
 from maskmill.engine.plan import model_bytes
 from maskmill.engine.training.synthetic import write_coco
@@ -397,9 +398,16 @@ def test_cli_prompt_boxes(scenes, tmp_path, capsys):
 
 def test_eval_box_prompt_ap(scenes, prompted):
     model = load_default()
-    # The first image (16 masks, objects and parts) keeps the eval's 20-click loop short.
+    # The first image (16 masks, objects and parts) keeps the eval's 20-click loop short. Its
+    # embedding is the one prompt-boxes kept in its store's cache (the same float16 numbers).
+    cache = open_embedding_cache(prompted["store"], model)
     metrics = evaluate_coco(
-        model, scenes["annotations"], scenes["images"], max_images=1, points_per_side=4
+        model,
+        scenes["annotations"],
+        scenes["images"],
+        max_images=1,
+        points_per_side=4,
+        embedding_cache=cache,
     )
     assert (metrics["images"], metrics["masks"]) == (1, 16)
     assert {"box_prompt_ap", "box_prompt_ap50", "box_prompt_ap75"} <= set(METRIC_KEYS)

@@ -39,7 +39,10 @@ DEFAULTS = {
     "accept_iou": 0.9,
     "max_clicks": 20,
     "points_per_side": 16,
+    "clip_model": None,
+    "clip_weights": None,
     "progress": True,
+    "embedding_cache": True,
     "generator_options": {},
 }
 # The JSON-schema limits each field carries into the form (fields without limits: {}).

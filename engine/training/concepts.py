@@ -102,9 +102,9 @@ def concept_vocabulary(samples: Iterable[dict[str, Any]]) -> tuple[list[str], li
     names: dict[str, str] = {}
     ids: dict[str, int | None] = {}
     for sample in samples:
-        for name, category_id in zip(
-            sample.get("categories") or [], sample.get("category_ids") or [], strict=False
-        ):
+        names_given = sample.get("categories") or []
+        ids_given = sample.get("category_ids") or [None] * len(names_given)
+        for name, category_id in zip(names_given, ids_given, strict=False):
             if not name:
                 continue
             key = concept_key(name)

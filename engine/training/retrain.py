@@ -62,9 +62,15 @@ from maskmill.engine.training.concepts import (
     train_concept_head,
 )
 from maskmill.engine.training.pretrain import TrainConfig
+from maskmill.engine.training.text_prompts import (
+    TextPromptTrainingConfig,
+    text_prompt_examples,
+    train_text_prompt_head,
+)
 from maskmill.model import Sam, generator_presets, load_checkpoint
 from maskmill.model.prompt_simulation import prepare_masks
 from maskmill.model.sam import PIXEL_MEAN
+from maskmill.model.text_encoder import ClipEncoder
 from maskmill.storage import Store
 from maskmill.storage.images import load_image
 from maskmill.storage.queries import training_set
@@ -132,6 +138,10 @@ class RetrainConfig:
             gives all (``storage.queries.reviewed_masks``).
         concepts: also (re)train the model's concept head on the training masks' categories
             (:func:`fit_concepts`), where they have any.
+        clip_model: also (re)train the model's CLIP text prompts (:func:`fit_text_prompts`)
+            with this open_clip model (a name, or ``local-dir:/folder``); None: the model keeps
+            the text head it has, if any.
+        clip_weights: the weights file of a named ``clip_model`` (never downloaded).
     """
 
     steps: int | None = None
@@ -152,6 +162,8 @@ class RetrainConfig:
     tolerance: float = 0.0
     approved_only: bool = False
     concepts: bool = True
+    clip_model: str | None = None
+    clip_weights: str | None = None
 
     def __post_init__(self) -> None:
         checks = {
@@ -269,6 +281,8 @@ def retrain(
         promoted, decision = promotion(scores["base"], scores["candidate"], config.tolerance)
         heldout = evaluate_heldout(store, plan, model, progress=progress)
         concept_metrics = fit_concepts(model, samples, config) if config.concepts else {}
+        if config.clip_model:
+            concept_metrics.update(fit_text_prompts(model, samples, config))
     else:  # nothing new to learn from: the same weights, stored for the record, not promoted
         model, train_metrics, scores, concept_metrics = base, {"steps": 0}, {}, {}
         promoted, decision = False, "no new masks to train on"
@@ -319,6 +333,7 @@ def retrain(
         "generator_presets": presets,
         "preset_calibration": calibration_report,
         "concepts": list(model.concept_head.names) if model.concept_head is not None else [],
+        "text_prompts": model.text_head.clip_name if model.text_head is not None else None,
         "metrics": metrics,
         "retrain": {**asdict(config), "steps": steps, "stages": list(stages)},
         "created_at": utc_now().isoformat(),
@@ -348,10 +363,7 @@ def fit_concepts(
     labelled = [s for s in samples if any(s.get("categories") or [])]
     if not labelled:
         return {}
-    # At most max_images, spread evenly over the (id-sorted) images, so a retrain's cost is
-    # bounded whatever the store's size.
-    stride = max(1, math.ceil(len(labelled) / concept_config.max_images))
-    chosen = labelled[::stride][: concept_config.max_images]
+    chosen = spread(labelled, concept_config.max_images)
     started = time.perf_counter()
     images = [load_image(s["uri"], exif_transpose=False) for s in chosen]
     was_training = model.training
@@ -366,6 +378,53 @@ def fit_concepts(
         **figures,
         "concept_images": examples.images,
         "concept_seconds": time.perf_counter() - started,
+    }
+
+
+def spread(samples: list[dict[str, Any]], most: int) -> list[dict[str, Any]]:
+    """At most ``most`` samples, spread evenly over the (id-sorted) list, so a head's training
+    cost is bounded whatever the store's size."""
+    stride = max(1, math.ceil(len(samples) / most))
+    return samples[::stride][:most]
+
+
+def fit_text_prompts(
+    model: Sam,
+    samples: list[dict[str, Any]],
+    config: RetrainConfig,
+    text_config: TextPromptTrainingConfig | None = None,
+    clip: ClipEncoder | None = None,
+) -> dict[str, Any]:
+    """Train ``model.text_head`` (in place) with ``config.clip_model`` (or ``clip``) on the
+    training masks (``engine.training.text_prompts``); returns its figures. The model's own
+    weights do not change.
+
+    A training set with no mask large enough for CLIP leaves the model's text head as it was
+    and returns ``{}``.
+
+    Raises:
+        ClipEncoderError: the CLIP cannot be loaded from local files.
+    """
+    text_config = text_config or TextPromptTrainingConfig(seed=config.seed)
+    if clip is None:
+        clip = ClipEncoder.load(config.clip_model, config.clip_weights, device=model.device)
+    chosen = spread([s for s in samples if s["masks"]], text_config.max_images)
+    started = time.perf_counter()
+    images = [load_image(s["uri"], exif_transpose=False) for s in chosen]
+    was_training = model.training
+    model.eval()
+    try:
+        examples = text_prompt_examples(model, clip, chosen, images, text_config)
+    except ValueError:  # no mask large enough for CLIP to see: the model keeps what it had
+        model.train(was_training)
+        return {}
+    head, figures = train_text_prompt_head(model, clip, examples, text_config)
+    model.train(was_training)
+    model.text_head = head.to(model.device)
+    return {
+        **figures,
+        "text_images": examples.images,
+        "text_seconds": time.perf_counter() - started,
     }
 
 

@@ -17,8 +17,9 @@ layer of HTTP over its methods.
   image's work dropped). An image is written once, whole, when its person finishes it ("next
   image": its shard, also with no masks) and is done from then on. The round's row goes to the
   rounds table when its last image is done, written by whichever person finds none left.
-- The image embedding is computed once, when an image is opened; every click only runs the
-  prompt encoder and mask decoder.
+- The image embedding is computed once, when an image is opened (or read from the store's
+  embedding cache, ``engine.embeddings``, when this encoder met the image before); every click
+  only runs the prompt encoder and mask decoder.
 - Semi stage: the mask generator (``engine.stages.stage_generator``, at the model's own ``semi``
   preset) pre-fills the image with its confident masks (source ``model``), as
   :func:`engine.stages.semi_automatic` does; the person adds the missing ones and may delete bad
@@ -86,6 +87,7 @@ import torch
 from PIL import Image
 
 from maskmill.engine.annotators import AnnotatedMask, Annotation, Annotator, Click
+from maskmill.engine.embeddings import open_embedding_cache
 from maskmill.engine.plan import model_for_round
 from maskmill.engine.stages import (
     encode_and_prefill,
@@ -341,6 +343,8 @@ class AnnotationSession:
         clock: seconds of a monotonic clock, for working time (default ``time.monotonic``).
         claim_ttl_s: seconds a person's claim on their image lasts unless renewed (by any of
             their requests, or the page's heartbeat).
+        embedding_cache: read and write image embeddings through the store's embedding cache
+            (False: encode every image opened).
     """
 
     def __init__(
@@ -355,6 +359,7 @@ class AnnotationSession:
         model_meta: dict[str, Any] | None = None,
         clock: Callable[[], float] = time.monotonic,
         claim_ttl_s: float = CLAIM_TTL_S,
+        embedding_cache: bool = True,
     ) -> None:
         if stage not in STAGES:
             raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
@@ -367,6 +372,7 @@ class AnnotationSession:
         self.model_version = model_version
         self.model_meta = model_meta or {}
         self.annotator = annotator or WebAnnotator()
+        self.embeddings = open_embedding_cache(self.store if embedding_cache else None, model)
         self.generator = None
         if stage == "semi":
             self.generator = stage_generator(model, "semi", generator_options)
@@ -860,7 +866,9 @@ class AnnotationSession:
                 continue
             with self.lane.turn(EMBED), torch.inference_mode():
                 # The embedding: once per image, for the pre-fill and every click.
-                prefill = encode_and_prefill(ws.predictor, self.generator, image)
+                prefill = encode_and_prefill(
+                    ws.predictor, self.generator, image, image_id, self.embeddings
+                )
             existing = existing_masks(self.store, [image_id], self.round)[image_id]
             ws.open = _OpenImage(row, image, prefill, existing, self.clock())
             return
