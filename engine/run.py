@@ -103,6 +103,12 @@ class EngineSettings(BaseModel):
     points_per_side: int = Field(
         16, ge=1, description="Side of the generators' point grid (side x side prompts)."
     )
+    prefill_concepts: list[str] = Field(
+        [],
+        description="Semi stage: pre-fill every instance of these concepts (the model's concept "
+        "head, learned from the store's categories) instead of the generator's confident "
+        "masks. Empty: the generator's, labelled where the head is sure.",
+    )
     clip_model: str | None = Field(
         None,
         description="open_clip model whose text prompts each retrain also trains (a name such "
@@ -264,6 +270,7 @@ def annotate_round(settings: EngineSettings, round_: int) -> dict[str, Any]:
         options,
         settings.progress,
         settings.embedding_cache,
+        settings.prefill_concepts,
     )
 
 

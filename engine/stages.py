@@ -30,7 +30,7 @@ not encoded again. ``embedding_cache=False`` turns it off (the model's own float
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -40,7 +40,7 @@ from maskmill.engine.annotators import Annotation, Annotator
 from maskmill.engine.embeddings import image_embeddings, open_embedding_cache, set_image
 from maskmill.engine.plan import Plan
 from maskmill.model import MaskGenerator, Predictor, Sam, load_checkpoint
-from maskmill.model.concepts import label_records
+from maskmill.model.concepts import find_instances, label_records, require_concept_head
 from maskmill.storage import ClaimLostError, ImageDoneError, StageWriter, Store
 from maskmill.storage.embeddings import EmbeddingCache
 from maskmill.storage.images import BadImageError, ImageInfo, load_stored_image
@@ -109,12 +109,14 @@ def semi_automatic(
     generator_options: dict[str, Any] | None = None,
     progress: bool = False,
     embedding_cache: bool = True,
+    prefill_concepts: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """Round ``round_`` of semi-automatic annotation: the generator (:func:`stage_generator`,
     the model's ``semi`` preset, ``generator_options`` over it) pre-fills; the annotator keeps,
     corrects or deletes each pre-filled mask and adds the missing objects; returns its rounds
     row (with the pre-fill verdicts, see :func:`stage_metrics`). ``embedding_cache``: encode
-    through the store's embedding cache (module doc)."""
+    through the store's embedding cache (module doc). ``prefill_concepts``: pre-fill every
+    instance of these concepts instead (:func:`encode_and_prefill`)."""
     return _annotation_stage(
         store,
         round_,
@@ -126,6 +128,7 @@ def semi_automatic(
         generator_options or {},
         progress,
         embedding_cache,
+        prefill_concepts,
     )
 
 
@@ -140,9 +143,10 @@ def _annotation_stage(
     generator_options: dict[str, Any] | None,
     progress: bool,
     embedding_cache: bool,
+    prefill_concepts: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """A stage of annotated images; ``generator_options`` None: no pre-fill (manual), a dict:
-    the ``semi`` pre-fill with those options."""
+    the ``semi`` pre-fill with those options (or by ``prefill_concepts``)."""
     version = int(model_meta["version"])
     started = time.perf_counter()
     thresholds: dict[str, float] = {}
@@ -162,6 +166,7 @@ def _annotation_stage(
             if generator_options is not None:
                 generator = stage_generator(model, "semi", generator_options)
                 thresholds = _thresholds(generator)
+                check_prefill_concepts(model, prefill_concepts)
         failed: set[str] = set()  # images this run wrote a failure for: not tried again
         row: dict[str, Any] | None = None
         while row is None:
@@ -170,7 +175,14 @@ def _annotation_stage(
                 info = plan.images[image_id]
                 with writer.claims.keep_alive(image_id):
                     result = _annotate(
-                        writer, info, predictor, generator, annotator, earlier[image_id], cache
+                        writer,
+                        info,
+                        predictor,
+                        generator,
+                        annotator,
+                        earlier[image_id],
+                        cache,
+                        prefill_concepts,
                     )
                 if result is None:  # its failure is recorded
                     failed.add(image_id)
@@ -214,6 +226,7 @@ def _annotate(
     annotator: Annotator,
     earlier: list[dict[str, Any]],
     cache: EmbeddingCache | None,
+    prefill_concepts: Sequence[str] | None = None,
 ) -> tuple[list[dict[str, Any]], Annotation] | None:
     """The mask records of one image (the kept pre-fill, then the annotator's, numbered) and
     the annotation; None after writing the image's failure (unreadable, or the model step
@@ -223,7 +236,9 @@ def _annotate(
         return None
     try:
         with torch.inference_mode():
-            prefill = encode_and_prefill(predictor, generator, image, info.image_id, cache)
+            prefill = encode_and_prefill(
+                predictor, generator, image, info.image_id, cache, prefill_concepts
+            )
             annotation = annotator.annotate(
                 info.image_id,
                 image,
@@ -252,13 +267,22 @@ def encode_and_prefill(
     image: np.ndarray,
     image_id: str | None = None,
     cache: EmbeddingCache | None = None,
+    concepts: Sequence[str] | None = None,
 ) -> list[dict[str, Any]]:
     """Make ``image`` ((H, W, 3) uint8 RGB) the predictor's current image and return the
     pre-fill of the semi stage (none without a ``generator``): its masks, source ``model``,
     each labelled with its concept where the model has a concept head sure of one
     (``model.concepts.label_records``), so pre-filled masks arrive with categories. The image
     (and each crop of a generator with crop layers) is encoded once for both, or read from
-    ``cache`` (the model's embedding cache, keyed by ``image_id``; None: no cache)."""
+    ``cache`` (the model's embedding cache, keyed by ``image_id``; None: no cache).
+
+    With ``concepts`` (and a generator: the semi stage), the pre-fill is instead every
+    instance of those concepts the model's concept head finds (``find_instances`` at its own
+    threshold), labelled: pre-fill *by* concept, for a team labelling one category at a time."""
+    if concepts and generator is not None:
+        embedding = set_image(predictor, image_id, image, cache)
+        found = find_instances(predictor.model, embedding, list(concepts))
+        return [{**record, "source": "model"} for record in found]
     if generator is None or generator.crop_n_layers == 0:
         embedding = set_image(predictor, image_id, image, cache)
         if generator is None:
@@ -274,6 +298,18 @@ def encode_and_prefill(
         records = generator.generate_from_crops(embeddings)
     labelled = label_records(predictor.model, embedding, records)
     return [{**record, "source": "model"} for record in labelled]
+
+
+def check_prefill_concepts(model: Sam, concepts: Sequence[str] | None) -> None:
+    """Refuse pre-fill by ``concepts`` the model cannot find, before any image is claimed.
+
+    Raises:
+        ValueError: the model has no concept head. KeyError: it does not know a concept.
+    """
+    if concepts:
+        head = require_concept_head(model)
+        for name in concepts:
+            head.index(name)
 
 
 def fully_automatic(

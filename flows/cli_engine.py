@@ -34,6 +34,7 @@ SETTINGS_OPTIONS = (
     "embedding_cache",
     "clip_model",
     "clip_weights",
+    "prefill_concepts",
 )
 # Options that go into ``EngineSettings.generator_options`` (MaskGenerator parameters).
 GENERATOR_OPTIONS = ("pred_iou_thresh", "stability_score_thresh")
@@ -114,6 +115,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=None,
         help="encode every image in every stage instead of keeping its embedding in the store "
         "(default: kept, float16, per image encoder; `maskmill stats` shows its size)",
+    )
+    parser.add_argument(
+        "--prefill-concept",
+        dest="prefill_concepts",
+        action="append",
+        metavar="NAME",
+        help="semi stage: pre-fill every instance of this concept (repeatable; the model's "
+        "concept head, learned from the store's categories) instead of the generator's "
+        "confident masks, so a team labels one category at a time",
     )
     add_clip_arguments(parser)
     parser.add_argument("--quiet", action="store_true", help="no progress bars")

@@ -62,6 +62,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="encode each image opened instead of reading its embedding from the store's "
         "embedding cache (and writing it there)",
     )
+    parser.add_argument(
+        "--prefill-concept",
+        action="append",
+        metavar="NAME",
+        help="semi stage: pre-fill every instance of this concept (repeatable; the model's "
+        "concept head, learned from the store's categories) instead of the generator's "
+        "confident masks, so a team labels one category at a time",
+    )
     parser.set_defaults(handler=run_serve)
 
 
@@ -94,6 +102,7 @@ def run_serve(args: argparse.Namespace) -> int:
         WebAnnotator(name),
         model_meta=meta,
         embedding_cache=args.embedding_cache,
+        prefill_concepts=args.prefill_concept,
     )
     with stop_on_sigterm("serve"), session:
         if not session.images:

@@ -332,3 +332,31 @@ def test_prefill_is_encoded_once_and_arrives_labelled():
     named = [r for r in labelled if r.get("category") is not None]
     assert named and all(r["score"] >= model.concept_head.threshold for r in named)
     assert {r["category"] for r in named} <= set(made.kinds)
+
+
+def test_prefill_by_concept_is_every_instance_of_it_labelled(tmp_path):
+    from maskmill.engine.stages import check_prefill_concepts, encode_and_prefill, stage_generator
+    from maskmill.engine.web.session import AnnotationSession
+
+    model = load_default()
+    made = scene(256, 256, seed=21, kind_colours=True)
+    generator = stage_generator(model, "semi")
+    predictor = Predictor(model)
+    with pytest.raises(ValueError, match="no concept head"):
+        check_prefill_concepts(model, ["mug"])
+    check_prefill_concepts(model, [])  # no concepts: the generator's pre-fill, nothing to check
+    _learn_kinds(model, made)
+    kind = made.kinds[0]
+    prefill = encode_and_prefill(predictor, generator, made.image, concepts=[kind])
+    expected = find_instances(model, predictor.image_embedding, [kind])
+    assert [r["segmentation"] for r in prefill] == [r["segmentation"] for r in expected]
+    assert prefill and all(r["category"] == kind and r["source"] == "model" for r in prefill)
+    assert all(r["score"] >= model.concept_head.threshold for r in prefill)
+    # The kind's instances are what is pre-filled: each found mask overlaps one of them.
+    truth = [_rle(m) for m, k in zip(made.instances, made.kinds, strict=True) if k == kind]
+    ious = np.asarray(mask_utils.iou([r["segmentation"] for r in prefill], truth, [0] * len(truth)))
+    assert ious.max() >= 0.5
+    with pytest.raises(UnknownConceptError, match="unicorn"):
+        check_prefill_concepts(model, [kind, "unicorn"])
+    with pytest.raises(ValueError, match="semi stage"):
+        AnnotationSession(str(tmp_path / "store"), 1, "manual", model, prefill_concepts=[kind])

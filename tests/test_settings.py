@@ -39,6 +39,7 @@ DEFAULTS = {
     "accept_iou": 0.9,
     "max_clicks": 20,
     "points_per_side": 16,
+    "prefill_concepts": [],
     "clip_model": None,
     "clip_weights": None,
     "progress": True,

@@ -90,6 +90,7 @@ from maskmill.engine.annotators import AnnotatedMask, Annotation, Annotator, Cli
 from maskmill.engine.embeddings import open_embedding_cache
 from maskmill.engine.plan import model_for_round
 from maskmill.engine.stages import (
+    check_prefill_concepts,
     encode_and_prefill,
     read_stored_image,
     stage_generator,
@@ -360,6 +361,7 @@ class AnnotationSession:
         clock: Callable[[], float] = time.monotonic,
         claim_ttl_s: float = CLAIM_TTL_S,
         embedding_cache: bool = True,
+        prefill_concepts: Sequence[str] | None = None,
     ) -> None:
         if stage not in STAGES:
             raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
@@ -376,6 +378,10 @@ class AnnotationSession:
         self.generator = None
         if stage == "semi":
             self.generator = stage_generator(model, "semi", generator_options)
+            check_prefill_concepts(model, prefill_concepts)
+        elif prefill_concepts:
+            raise ValueError("pre-fill by concept is the semi stage's (--stage semi)")
+        self.prefill_concepts = list(prefill_concepts or [])
         self.claim_ttl_s = claim_ttl_s
         self.images: dict[str, ImageInfo] = {}
         self.categories: dict[str, int | None] = {}  # name -> category id (module doc)
@@ -867,7 +873,12 @@ class AnnotationSession:
             with self.lane.turn(EMBED), torch.inference_mode():
                 # The embedding: once per image, for the pre-fill and every click.
                 prefill = encode_and_prefill(
-                    ws.predictor, self.generator, image, image_id, self.embeddings
+                    ws.predictor,
+                    self.generator,
+                    image,
+                    image_id,
+                    self.embeddings,
+                    self.prefill_concepts,
                 )
             existing = existing_masks(self.store, [image_id], self.round)[image_id]
             ws.open = _OpenImage(row, image, prefill, existing, self.clock())
