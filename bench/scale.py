@@ -16,6 +16,19 @@ included, Ray's own start not), the actors' time on the images, the ratio second
 Generated scenes (``engine.training.synthetic.write_coco``) at ``--size`` px longest side
 (4:3); the generator grid is small (``--points-per-side``), as the cost to save is the encoder's.
 
+``throughput``: the automatic stage (no embedding cache, ``--points-per-side`` grid, the
+``--scale-model``) over one store of ``--corpus`` generated 64x64 images with 1 worker, then 2:
+images/s, wall and after the actors started, and the speed-up.
+
+``memory``: the same stage on 1 worker over a store of each ``--corpus`` size (``--corpus 500
+5000``): the driver's peak RSS during the stage above its RSS before, and the actor's peak
+RSS. The stage streams, so neither should grow with the corpus.
+
+``stats``: ``compute_stats`` over ``--stats-masks`` synthetic mask rows (goal <= 2 s at 10 M).
+
+    python bench/scale.py --sections throughput memory --corpus 500 5000 --scale-model small
+    python bench/scale.py --sections stats
+
 Other sections are added as ``def bench_<name>(args) -> dict`` and listed in :data:`SECTIONS`.
 """
 
@@ -23,12 +36,17 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
+import importlib.util
+import os
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from maskmill.engine.plan import make_plan, model_bytes
@@ -40,6 +58,7 @@ from maskmill.model.sam import encoder_digest
 from maskmill.storage import Store, cache_size, import_coco
 
 CACHE_GOAL = 0.2  # second stage / first stage, at most
+STATS_GOAL_S = 2.0  # maskmill stats over 10 M masks, at most
 
 
 def bench_cache(args: argparse.Namespace) -> dict[str, Any]:
@@ -111,6 +130,141 @@ def bench_cache(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def corpus_store(root: Path, images: int, args: argparse.Namespace) -> tuple[Store, Any, dict]:
+    """A store of ``images`` generated 64x64 PNGs (noise: written in about 1 ms each) with
+    the ``--scale-model`` as v1; the store, its all-automatic plan and v1's meta."""
+    from PIL import Image
+
+    from maskmill.storage import ingest_folder
+
+    folder = root / "images"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(args.seed)
+    for index in range(images):
+        pixels = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(folder / f"{index:06d}.png", compress_level=1)
+    store = Store(str(root / "store"))
+    ingest_folder(store, str(folder))
+    model = scale_model(args.scale_model)
+    store.write_model(1, model_bytes(model, {}), {"round": 0, "config": model.config.to_dict()})
+    plan = make_plan(store, 0, 0, True, seed=args.seed, holdout=0.0)
+    return store, plan, store.model_metas()[-1]
+
+
+def scale_model(name: str) -> Any:
+    """``default``: the shipped model (``tiny``, 512 px input, ~0.3 s an image on one CPU);
+    ``small``: the same architecture at a 128 px input with random weights (16x less encoder
+    work), for corpora whose model time would not fit a benchmark run."""
+    from maskmill.model import load_default
+    from maskmill.model.config import get_config
+
+    if name == "default":
+        return load_default()
+    return build_model(dataclasses.replace(get_config("tiny"), image_size=128), seed=0)
+
+
+class RssSampler:
+    """Peak resident memory of this process while open, sampled every 20 ms from
+    ``/proc/self/statm`` (``ru_maxrss`` is the whole life's peak: store making included)."""
+
+    def __init__(self) -> None:
+        self.peak = self.start = _rss_bytes()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.02):
+            self.peak = max(self.peak, _rss_bytes())
+
+    def __enter__(self) -> RssSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, _rss_bytes())
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as handle:
+        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _auto_stage(store: Store, round_: int, plan: Any, meta: dict, workers: int, points: int):
+    """One automatic stage (the stage grid at ``points`` a side, the model's ``auto``
+    thresholds, no embedding cache: every image costs its encoder pass); its metrics, wall
+    seconds and the driver's peak RSS during it."""
+    options = {"points_per_side": points}
+    with RssSampler() as rss:
+        started = time.perf_counter()
+        row = fully_automatic(
+            store, round_, plan, plan.auto, meta, workers, options, embedding_cache=False
+        )
+        wall = time.perf_counter() - started
+    metrics = _metrics(row)
+    assert metrics["images"] == len(plan.auto), (metrics["images"], len(plan.auto))
+    return metrics, wall, rss
+
+
+def bench_memory(args: argparse.Namespace) -> dict[str, Any]:
+    """The ``memory`` section: the automatic stage on one worker over ``--corpus`` sizes
+    (500, and 5000 with ``--corpus 500 5000``), each in a store of its own: the driver's peak
+    RSS during the stage (above its RSS before) and the actor's peak RSS. Streaming holds
+    both flat: the ratio largest / smallest corpus should stay near 1."""
+    init_ray(num_cpus=max(2, args.workers))
+    figures: dict[str, Any] = {"model": args.scale_model, "points_per_side": args.points_per_side}
+    peaks = []
+    for images in args.corpus:
+        with tempfile.TemporaryDirectory() as tmp:
+            store, plan, meta = corpus_store(Path(tmp), images, args)
+            metrics, wall, rss = _auto_stage(store, 1, plan, meta, 1, args.points_per_side)
+        driver_mb = (rss.peak - rss.start) / 2**20
+        actor_mb = metrics["actor_peak_rss_mb"]
+        peaks.append((driver_mb, actor_mb))
+        figures[f"{images}_images_per_s"] = images / wall
+        figures[f"{images}_driver_rss_mb"] = f"{rss.start / 2**20:.0f} + {driver_mb:.1f}"
+        figures[f"{images}_actor_peak_mb"] = actor_mb
+    if len(peaks) > 1:
+        figures["driver_growth_mb"] = peaks[-1][0] - peaks[0][0]
+        figures["actor_ratio"] = peaks[-1][1] / peaks[0][1]
+    return figures
+
+
+def bench_throughput(args: argparse.Namespace) -> dict[str, Any]:
+    """The ``throughput`` section: the automatic stage over one store of ``--corpus[0]``
+    images with 1 worker (round 1), then 2 (round 2): images/s over the stage's wall time
+    (actors' start and model load included) and over the time after the pool started."""
+    init_ray(num_cpus=2)
+    images = args.corpus[0]
+    figures: dict[str, Any] = {"model": args.scale_model, "images": images}
+    rates = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        store, plan, meta = corpus_store(Path(tmp), images, args)
+        for round_, workers in ((1, 1), (2, 2)):
+            metrics, wall, _ = _auto_stage(store, round_, plan, meta, workers, args.points_per_side)
+            rates[workers] = images / (wall - metrics["pool_start_seconds"])
+            figures[f"{workers}_worker_images_per_s"] = images / wall
+            figures[f"{workers}_worker_steady_images_per_s"] = rates[workers]
+    figures["speedup_2_vs_1"] = rates[2] / rates[1]
+    return figures
+
+
+def bench_stats(args: argparse.Namespace) -> dict[str, Any]:
+    """The ``stats`` section: ``maskmill stats`` (``compute_stats``) over ``--stats-masks``
+    synthetic mask rows (``bench/storage.py --synthetic``); goal <= 2 s at 10 M."""
+    spec = importlib.util.spec_from_file_location(
+        "bench_storage", Path(__file__).with_name("storage.py")
+    )
+    storage_bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(storage_bench)
+    figures = storage_bench.bench_synthetic(args.stats_masks, None, keep=False)
+    figures["goal"] = f"stats_s_best_of_3 <= {STATS_GOAL_S:g} at 10 M masks"
+    if args.stats_masks >= 10_000_000:
+        figures["goal_met"] = figures["stats_s_best_of_3"] <= STATS_GOAL_S
+    return figures
+
+
 def _metrics(row: dict[str, Any]) -> dict[str, Any]:
     import json
 
@@ -118,7 +272,12 @@ def _metrics(row: dict[str, Any]) -> dict[str, Any]:
     return json.loads(metrics) if isinstance(metrics, str) else dict(metrics or {})
 
 
-SECTIONS: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {"cache": bench_cache}
+SECTIONS: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
+    "cache": bench_cache,
+    "throughput": bench_throughput,
+    "memory": bench_memory,
+    "stats": bench_stats,
+}
 
 
 def format_table(section: str, figures: dict[str, Any]) -> str:
@@ -151,6 +310,23 @@ def main(argv: list[str] | None = None) -> int:
         "--points-per-side", type=int, default=4, help="generator grid side (default 4)"
     )
     parser.add_argument("--workers", type=int, default=1, help="Ray actors (default 1)")
+    parser.add_argument(
+        "--corpus",
+        type=int,
+        nargs="+",
+        default=[500],
+        help="memory: corpus sizes, each its own store (default 500; e.g. 500 5000); "
+        "throughput: the first",
+    )
+    parser.add_argument(
+        "--scale-model",
+        choices=("default", "small"),
+        default="default",
+        help="memory/throughput model: the shipped default, or small (128 px input)",
+    )
+    parser.add_argument(
+        "--stats-masks", type=int, default=10_000_000, help="stats: mask rows (default 10 M)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     failed = False

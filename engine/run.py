@@ -293,6 +293,7 @@ def retrain_after(settings: EngineSettings, round_: int) -> dict[str, Any] | Non
         seed=settings.seed,
         clip_model=settings.clip_model,
         clip_weights=settings.clip_weights,
+        embedding_cache=settings.embedding_cache,
     )
     return retrain(
         store,

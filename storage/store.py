@@ -11,6 +11,8 @@ Layout (see DESIGN.md, "Storage layout")::
     <store>/locks/masks-r<R>-<stage>.lock          (writer lease, see storage.lease)
     <store>/locks/claims/r<R>-<stage>/<image>.json (per-image claims, see storage.claims)
     <store>/accounts/accounts.json                 (people, token hashes: storage.accounts)
+    <store>/embeddings/<digest>/<image>/<view>.npz (float16 image embeddings per image
+                                                    encoder: storage.embeddings)
 
 Commit protocol: a shard is written complete under a temporary name next to its final one and
 then renamed (local disks: ``os.replace`` is atomic and replaces an older version), or uploaded

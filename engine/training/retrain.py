@@ -142,6 +142,8 @@ class RetrainConfig:
             with this open_clip model (a name, or ``local-dir:/folder``); None: the model keeps
             the text head it has, if any.
         clip_weights: the weights file of a named ``clip_model`` (never downloaded).
+        embedding_cache: the held-out evaluation after training reads and writes the store's
+            embedding cache (``engine.embeddings``).
     """
 
     steps: int | None = None
@@ -164,6 +166,7 @@ class RetrainConfig:
     concepts: bool = True
     clip_model: str | None = None
     clip_weights: str | None = None
+    embedding_cache: bool = True
 
     def __post_init__(self) -> None:
         checks = {
@@ -279,7 +282,9 @@ def retrain(
             "candidate": evaluate_validation(model, validation),
         }
         promoted, decision = promotion(scores["base"], scores["candidate"], config.tolerance)
-        heldout = evaluate_heldout(store, plan, model, progress=progress)
+        heldout = evaluate_heldout(
+            store, plan, model, progress=progress, embedding_cache=config.embedding_cache
+        )
         concept_metrics = fit_concepts(model, samples, config) if config.concepts else {}
         if config.clip_model:
             concept_metrics.update(fit_text_prompts(model, samples, config))
