@@ -21,8 +21,11 @@ Generated scenes (``engine.training.synthetic.write_coco``) at ``--size`` px lon
 images/s, wall and after the actors started, and the speed-up.
 
 ``memory``: the same stage on 1 worker over a store of each ``--corpus`` size (``--corpus 500
-5000``): the driver's peak RSS during the stage above its RSS before, and the actor's peak
-RSS. The stage streams, so neither should grow with the corpus.
+5000``): the driver's peak RSS while images stream (above its RSS before), its peak during
+the stage's closing figures (DuckDB over every shard of the stage), and the actor's peak RSS.
+The images' loop streams, so the first and the actor's should not grow with the corpus (the
+closing queries do, with the shard count). Then the stage once more
+over the finished store: the time a resume spends skipping done images (one listing).
 
 ``stats``: ``compute_stats`` over ``--stats-masks`` synthetic mask rows (goal <= 2 s at 10 M).
 
@@ -167,14 +170,24 @@ class RssSampler:
     """Peak resident memory of this process while open, sampled every 20 ms from
     ``/proc/self/statm`` (``ru_maxrss`` is the whole life's peak: store making included)."""
 
-    def __init__(self) -> None:
-        self.peak = self.start = _rss_bytes()
+    def __init__(self, streamed: Callable[[], bool] | None = None) -> None:
+        self.peak = self.start = self.streaming_peak = _rss_bytes()
+        # Checked once a second: True once every image is committed; the peak up to then is
+        # ``streaming_peak`` (the images' loop; the stage's closing queries come after).
+        self.streamed = streamed or (lambda: False)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
+        streaming, ticks = True, 0
         while not self._stop.wait(0.02):
-            self.peak = max(self.peak, _rss_bytes())
+            rss = _rss_bytes()
+            self.peak = max(self.peak, rss)
+            ticks += 1
+            if streaming and ticks % 50 == 0:
+                streaming = not self.streamed()
+            if streaming:
+                self.streaming_peak = max(self.streaming_peak, rss)
 
     def __enter__(self) -> RssSampler:
         self._thread.start()
@@ -196,7 +209,11 @@ def _auto_stage(store: Store, round_: int, plan: Any, meta: dict, workers: int, 
     thresholds, no embedding cache: every image costs its encoder pass); its metrics, wall
     seconds and the driver's peak RSS during it."""
     options = {"points_per_side": points}
-    with RssSampler() as rss:
+
+    def streamed() -> bool:
+        return len(store.shard_keys("masks", round_, "auto")) >= len(plan.auto)
+
+    with RssSampler(streamed) as rss:
         started = time.perf_counter()
         row = fully_automatic(
             store, round_, plan, plan.auto, meta, workers, options, embedding_cache=False
@@ -219,11 +236,17 @@ def bench_memory(args: argparse.Namespace) -> dict[str, Any]:
         with tempfile.TemporaryDirectory() as tmp:
             store, plan, meta = corpus_store(Path(tmp), images, args)
             metrics, wall, rss = _auto_stage(store, 1, plan, meta, 1, args.points_per_side)
-        driver_mb = (rss.peak - rss.start) / 2**20
+            # The same stage again, every image done: what a resume spends on skipping.
+            started = time.perf_counter()
+            fully_automatic(store, 1, plan, plan.auto, meta, 1, {}, embedding_cache=False)
+            figures[f"{images}_resume_all_done_s"] = time.perf_counter() - started
+        driver_mb = (rss.streaming_peak - rss.start) / 2**20
         actor_mb = metrics["actor_peak_rss_mb"]
         peaks.append((driver_mb, actor_mb))
         figures[f"{images}_images_per_s"] = images / wall
         figures[f"{images}_driver_rss_mb"] = f"{rss.start / 2**20:.0f} + {driver_mb:.1f}"
+        # The stage's closing figures (DuckDB over the stage's shards) peak above the loop.
+        figures[f"{images}_driver_closing_mb"] = (rss.peak - rss.start) / 2**20
         figures[f"{images}_actor_peak_mb"] = actor_mb
     if len(peaks) > 1:
         figures["driver_growth_mb"] = peaks[-1][0] - peaks[0][0]

@@ -173,7 +173,8 @@ def _head(key: str, payload: Any, source: str) -> ConceptHead | TextPromptHead:
         if getattr(state_dict[key], "shape", None) != expected[key].shape
     )
     if wrong:
-        raise CheckpointError(f"{source}: {key} does not match its config: {wrong[:10]}")
+        what = key.replace("_", " ")  # "concept head", "text head"
+        raise CheckpointError(f"{source}: {what} does not match its config: {wrong[:10]}")
     head.load_state_dict({k: v.to(expected[k].dtype) for k, v in state_dict.items()})
     return head.eval()
 

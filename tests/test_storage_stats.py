@@ -267,3 +267,40 @@ def test_cli_commands(tmp_path, store, capsys):
     err = capsys.readouterr().err
     assert "maskmill import-coco: images[0] (id=1, file_name='a.png'): " in err
     assert "a.png: missing: image file not found" in err
+
+
+def test_boundary_histograms_bin_as_the_bucket_expressions():
+    """``compute_stats`` bins with ``histogram(x, boundaries)`` (fast on millions of rows):
+    every value lands in the bin of ``size_bucket_sql`` / ``score_bucket_sql``, at the edges
+    (float32 scores such as 0.9, exact size edges), outside [0, 1] and NULL included."""
+    import duckdb
+
+    from maskmill.storage.stats import (
+        SIZE_EDGES,
+        score_boundaries_sql,
+        score_bucket_sql,
+        size_boundaries_sql,
+        size_bucket_sql,
+    )
+
+    edges = [e for e in SIZE_EDGES] + [k / 10 for k in range(11)]
+    near = [np.nextafter(e, d) for e in edges for d in (-1.0, 2.0)]
+    values = [*edges, *near, -0.3, 1.02, 7.0, *np.random.default_rng(0).uniform(0, 1, 500)]
+    scores = [float(np.float32(v)) for v in values]  # as stored: float32
+    con = duckdb.connect()
+    con.execute("CREATE TABLE t (x DOUBLE, s FLOAT)")
+    # One NULL score (an annotated mask); sizes are never NULL (height and width > 0).
+    rows = [*zip(values, scores, strict=True), (0.5, None)]
+    con.executemany("INSERT INTO t VALUES (?, ?)", rows)
+    for expected, fast, counted in (
+        (f"histogram({size_bucket_sql('x')})", f"histogram(x, {size_boundaries_sql()})", 1),
+        (
+            f"histogram({score_bucket_sql('s')})",
+            f"histogram(s::DOUBLE, {score_boundaries_sql()})",
+            0,
+        ),
+    ):
+        want, got = con.execute(f"SELECT {expected}, {fast} FROM t").fetchone()
+        binned = [n for _, n in sorted(got.items())]
+        assert binned == [want.get(i, 0) for i in range(len(binned))]
+        assert sum(binned) == len(values) + counted
