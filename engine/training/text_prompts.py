@@ -34,6 +34,7 @@ from maskmill.model.concept_head import concept_key
 from maskmill.model.concepts import candidate_features, candidate_generator
 from maskmill.model.losses import mask_loss
 from maskmill.model.mask_decoder import DecoderImage
+from maskmill.model.prompt_simulation import low_res_targets, prepare_masks
 from maskmill.model.text_encoder import ClipEncoder
 from maskmill.model.text_prompt_head import TextPromptHead
 
@@ -139,17 +140,6 @@ def crop_box(
     return x0, y0, max(x1, x0 + 1), max(y1, y0 + 1)
 
 
-def low_res_targets(model: Sam, masks: np.ndarray, input_size: tuple[int, int]) -> torch.Tensor:
-    """(M, H, W) masks on the original image -> (M, h, w) bool on the decoder's output grid
-    (the padded S x S input at a quarter of its side)."""
-    side = model.prompt_encoder.mask_input_size[0]
-    size = model.image_size
-    weights = torch.from_numpy(masks.astype(np.float32))[:, None]
-    weights = F.interpolate(weights, size=tuple(input_size), mode="area")
-    weights = F.pad(weights, (0, size - input_size[1], 0, size - input_size[0]))
-    return F.interpolate(weights, size=(side, side), mode="area")[:, 0] > 0.5
-
-
 def text_prompt_examples(
     model: Sam,
     clip: ClipEncoder,
@@ -224,7 +214,10 @@ def text_prompt_examples(
             )
         )
         decoded = mask_utils.decode(truths).transpose(2, 0, 1)
-        mask_parts["targets"].append(low_res_targets(model, decoded, embedding.input_size))
+        # The decoder's output grid: the masks in the model input frame, pooled to S / 4.
+        framed = prepare_masks(decoded.astype(bool), model.image_size)
+        side = model.prompt_encoder.mask_input_size[0]
+        mask_parts["targets"].append(low_res_targets(framed, side))
         background["clip"].append(embedded[count:])
         background["features"].append(features[count:])
         image_index.extend([len(decoder_images)] * count)
