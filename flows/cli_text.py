@@ -72,16 +72,11 @@ def run_fit_text(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from maskmill.engine.plan import current_model
-    from maskmill.engine.training.retrain import spread
-    from maskmill.engine.training.text_prompts import (
-        TextPromptTrainingConfig,
-        text_prompt_examples,
-        train_text_prompt_head,
-    )
+    from maskmill.engine.training.retrain import RetrainConfig, fit_text_prompts
+    from maskmill.engine.training.text_prompts import TextPromptTrainingConfig
     from maskmill.model import load_model
     from maskmill.model.checkpoint import save_checkpoint
     from maskmill.storage import Store
-    from maskmill.storage.images import load_image
     from maskmill.storage.queries import training_set
 
     if not args.clip_model:
@@ -94,25 +89,31 @@ def run_fit_text(args: argparse.Namespace) -> int:
         checkpoint = current_model(store)["uri"]
     model, model_name = load_model(checkpoint)  # None: the shipped default
     clip = load_clip(args, device=model.device)
-    samples = spread(
-        [s for s in training_set(store, stages, 1 << 30) if s["masks"]], args.max_images
-    )
-    if not samples:
+    samples = training_set(store, stages, 1 << 30)
+    if not any(s["masks"] for s in samples):
         raise ValueError(f"{args.store}: no masks of stages {', '.join(stages)} to learn from")
-    images = [load_image(s["uri"], exif_transpose=False) for s in samples]
-    with tqdm(total=len(samples), unit="img", disable=args.no_progress) as bar:
-        examples = text_prompt_examples(
-            model, clip, samples, images, config, progress=lambda done, _: bar.update(1)
+    with tqdm(unit="img", disable=args.no_progress) as bar:
+
+        def advance(done: int, total: int) -> None:
+            bar.total = total
+            bar.update(done - bar.n)
+
+        figures = fit_text_prompts(
+            model, samples, RetrainConfig(seed=args.seed), config, clip=clip, progress=advance
         )
-    head, figures = train_text_prompt_head(model, clip, examples, config)
-    model.text_head = head
+    if not figures:
+        raise ValueError(
+            f"{args.store}: no mask at least {config.min_side} px on a side to learn text "
+            "prompts from"
+        )
     metadata = dict(getattr(model, "metadata", {}) or {})
     metadata["text_prompts"] = {"clip": clip.name, **figures}
     save_checkpoint(model, args.out, metadata=metadata)
     print(f"model: {model_name}; CLIP: {clip.name}", file=sys.stderr)
+    masks = figures["text_masks"]
     print(
-        f"learned text prompts from {examples.masks} masks on {examples.images} images "
-        f"({figures['text_examples'] - examples.masks} background candidates); loss "
+        f"learned text prompts from {masks} masks on {figures['text_images']} images "
+        f"({figures['text_examples'] - masks} background candidates); loss "
         f"{figures['text_loss_first']:.3f} -> {figures['text_loss_last']:.3f}"
     )
     print(f"wrote {args.out}")

@@ -41,6 +41,7 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -399,10 +400,11 @@ def fit_text_prompts(
     config: RetrainConfig,
     text_config: TextPromptTrainingConfig | None = None,
     clip: ClipEncoder | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> dict[str, Any]:
     """Train ``model.text_head`` (in place) with ``config.clip_model`` (or ``clip``) on the
     training masks (``engine.training.text_prompts``); returns its figures. The model's own
-    weights do not change.
+    weights do not change. ``progress``: called (done, total) after each image's examples.
 
     A training set with no mask large enough for CLIP leaves the model's text head as it was
     and returns ``{}``.
@@ -419,7 +421,7 @@ def fit_text_prompts(
     was_training = model.training
     model.eval()
     try:
-        examples = text_prompt_examples(model, clip, chosen, images, text_config)
+        examples = text_prompt_examples(model, clip, chosen, images, text_config, progress)
     except ValueError:  # no mask large enough for CLIP to see: the model keeps what it had
         model.train(was_training)
         return {}
