@@ -279,23 +279,21 @@ def encode_and_prefill(
     With ``concepts`` (and a generator: the semi stage), the pre-fill is instead every
     instance of those concepts the model's concept head finds (``find_instances`` at its own
     threshold), labelled: pre-fill *by* concept, for a team labelling one category at a time."""
-    if concepts and generator is not None:
-        embedding = set_image(predictor, image_id, image, cache)
-        found = find_instances(predictor.model, embedding, list(concepts))
-        return [{**record, "source": "model"} for record in found]
-    if generator is None or generator.crop_n_layers == 0:
+    if generator is None or concepts:
         embedding = set_image(predictor, image_id, image, cache)
         if generator is None:
             return []
-        records = generator.generate_embedded(embedding)
-    else:  # crops need encodings of their own: each is a view of the cache
-        boxes = generator.crop_boxes(image.shape[:2])
-        embeddings = image_embeddings(
-            predictor, image_id, image, boxes, cache, generator.encoder_batch_size
-        )
-        embedding = embeddings[0]  # the whole image
-        predictor.set_image_embedding(embedding)
-        records = generator.generate_from_crops(embeddings)
+        found = find_instances(predictor.model, embedding, list(concepts))
+        return [{**record, "source": "model"} for record in found]
+    # The whole image first, then each crop layer's crop (none without crop layers): each is a
+    # view of the cache.
+    boxes = generator.crop_boxes(image.shape[:2])
+    embeddings = image_embeddings(
+        predictor, image_id, image, boxes, cache, generator.encoder_batch_size
+    )
+    embedding = embeddings[0]  # the whole image
+    predictor.set_image_embedding(embedding)
+    records = generator.generate_from_crops(embeddings)
     labelled = label_records(predictor.model, embedding, records)
     return [{**record, "source": "model"} for record in labelled]
 
