@@ -32,14 +32,12 @@ key would name the unturned pixels).
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import cv2
-import fsspec
 import numpy as np
 import torch
 from pycocotools.coco import COCO
@@ -50,7 +48,7 @@ from maskmill.model import Predictor, Sam
 from maskmill.model.mask_generator import MaskGenerator
 from maskmill.storage import rle
 from maskmill.storage.embeddings import EmbeddingCache
-from maskmill.storage.images import decode_image, image_id_of, load_image
+from maskmill.storage.images import load_image, load_image_and_id
 
 MAX_CLICKS = 20
 # Proposal settings: every grid prompt's masks compete for the top 100 / 1000 by predicted IoU,
@@ -495,17 +493,10 @@ def evaluate_coco(
 
 def _read_image(path: str, cache: EmbeddingCache | None) -> tuple[np.ndarray, str | None]:
     """(H, W, 3) uint8 RGB of an image file, turned upright by its EXIF orientation, and its
-    key in ``cache``: the store's image id of the file (``storage.images.image_id_of``) when
-    the turn changed nothing (the cached pixels are the file's own), else None (not cached)."""
-    image = load_image(path)  # a missing or bad file is refused here, named
-    if cache is None:
-        return image, None
-    with fsspec.open(path, "rb") as handle:
-        data = handle.read()
-    unturned = decode_image(data, path, exif_transpose=False)
-    if image.shape != unturned.shape or not np.array_equal(image, unturned):
-        return image, None
-    return image, image_id_of(hashlib.sha256(data).hexdigest())
+    key in ``cache`` (:func:`storage.images.load_image_and_id`: None when the turn changed
+    the pixels, or without a cache)."""
+    image, key = load_image_and_id(path)  # a missing or bad file is refused here, named
+    return image, key if cache is not None else None
 
 
 def _mean(results: list[InteractiveResult], field) -> float:

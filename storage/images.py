@@ -35,7 +35,7 @@ from dataclasses import asdict, dataclass
 import fsspec
 import numpy as np
 import pyarrow as pa
-from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from maskmill.storage.errors import BadImageError, MissingImageError
 from maskmill.storage.schema import IMAGES
@@ -108,6 +108,27 @@ def load_image(
         BadImageError: naming the file and the reason, when it is missing or unusable.
     """
     return decode_image(_read_bytes(uri), uri, exif_transpose, min_side, max_pixels)
+
+
+def load_image_and_id(uri: str) -> tuple[np.ndarray, str | None]:
+    """:func:`load_image` (turned upright by its EXIF orientation) from one read of the file,
+    and the store's image id of the file (:func:`image_id_of`) when the turn changed nothing,
+    else None: only then are the pixels the stored grid's, so what a store keys by the id (a
+    cached embedding) applies to them."""
+    data = _read_bytes(uri)
+    image = decode_image(data, uri)
+    if not _upright_as_stored(data):
+        unturned = decode_image(data, uri, exif_transpose=False)
+        if image.shape != unturned.shape or not np.array_equal(image, unturned):
+            return image, None
+    return image, image_id_of(hashlib.sha256(data).hexdigest())
+
+
+def _upright_as_stored(data: bytes) -> bool:
+    """Whether an image file's EXIF orientation is none or 1 (what exif_transpose leaves as
+    it is); read from the header, without decoding the pixels."""
+    with Image.open(io.BytesIO(data)) as image:
+        return image.getexif().get(ExifTags.Base.Orientation, 1) == 1
 
 
 def decode_image(

@@ -21,6 +21,7 @@ from maskmill.storage.images import (
     MissingImageError,
     images_table,
     load_image,
+    load_image_and_id,
     load_stored_image,
     read_image_info,
 )
@@ -153,6 +154,17 @@ def test_exif_rotation_applied_only_when_asked(image_files):
     assert stored.shape == (32, 40, 3) and upright.shape == (40, 32, 3)
     # orientation 6: the upright image is the stored one turned 90 degrees clockwise
     np.testing.assert_array_equal(upright, np.rot90(stored, k=-1))
+
+
+def test_load_image_and_id_keys_only_pixels_on_the_stored_grid(image_files):
+    """The id (the one ingest gives) comes with an image its EXIF turn left as stored; a
+    turned image is upright and has no id (what is keyed by the id is on the stored grid)."""
+    image, image_id = load_image_and_id(image_files["rgb"])
+    np.testing.assert_array_equal(image, load_image(image_files["rgb"]))
+    assert image_id == read_image_info(image_files["rgb"]).image_id
+    turned, no_id = load_image_and_id(image_files["exif_rotated"])
+    np.testing.assert_array_equal(turned, load_image(image_files["exif_rotated"]))
+    assert turned.shape == (40, 32, 3) and no_id is None
 
 
 # ------------------------------------------------------------------------- the images table row
