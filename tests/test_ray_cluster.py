@@ -1,4 +1,5 @@
-"""The automatic stage on a Ray cluster of several nodes, and one node lost mid-stage.
+"""The automatic stage and retraining on a Ray cluster of several nodes, and one node lost
+mid-stage.
 
 A real ``ray.cluster_utils.Cluster`` on this machine: a head with no CPUs (so no actor lands
 there) and two worker nodes of one CPU each. It cannot share a process with the suite's
@@ -10,6 +11,10 @@ Round 1: two actors, spread over the two worker nodes (``WorkerPool``'s ``SPREAD
 the same images again, and a worker node removed as soon as the first image commits: the pool
 resubmits the lost actor's images to the surviving actor (no Ray actor restart, no flow
 retry), and every image ends with its masks exactly once, the same masks as round 1's.
+Retraining: a node of two CPUs joins beside the survivor's one, and a retrain on the ground
+truth runs two Ray Train workers: ``PACK`` would put both on the new node, the retrain's
+``SPREAD`` puts one on each, which its stored model's metrics show (``train_worker_nodes`` 2,
+``train_node_ids`` those two nodes).
 
 The model is a ``tiny`` one with fixed random weights (every mask kept: what is checked is
 where and how often the work ran, not quality); the scenes are generated.
@@ -27,15 +32,26 @@ from pathlib import Path
 import pytest
 
 from maskmill.engine.plan import make_plan, model_bytes
+from maskmill.engine.training.retrain import RetrainConfig
 from maskmill.engine.training.synthetic import write_coco
-from maskmill.model import build_model
+from maskmill.model import build_model, load_checkpoint
 from maskmill.storage import Catalog, Store, import_coco
 
 IMAGES = 10
 # A small grid, every mask kept (a random model's scores are low), no embedding cache so both
 # rounds compute the same thing from scratch.
 OPTIONS = {"points_per_side": 4, "pred_iou_thresh": 0.0, "stability_score_thresh": 0.0}
-SCENARIO_TIMEOUT_S = 240
+# The smallest retrain that trains: two steps, one mask a draw, the encoder frozen, no heads.
+RETRAIN = RetrainConfig(
+    steps=2,
+    workers=2,
+    masks_per_image=1,
+    encoder_blocks=0,
+    stages=("gt",),
+    concepts=False,
+    embedding_cache=False,
+)
+SCENARIO_TIMEOUT_S = 300
 
 
 def make_store(root: Path) -> Store:
@@ -50,11 +66,13 @@ def make_store(root: Path) -> Store:
 
 def scenario(store_url: str, out: str) -> None:
     """The subprocess: start a 3-node cluster, run rounds 1 and 2 (a node removed during
-    round 2), stop the cluster, write the rounds' metrics and node ids to ``out``."""
+    round 2), add a 2-CPU node and retrain after round 2, stop the cluster, write the rounds'
+    metrics, the new model's meta and node ids to ``out``."""
     import ray
     from ray.cluster_utils import Cluster
 
     from maskmill.engine.stages import fully_automatic
+    from maskmill.engine.training.retrain import retrain
 
     store = Store(store_url)
     plan = make_plan(store, 0, 0, True, seed=0, holdout=0.0)
@@ -88,6 +106,16 @@ def scenario(store_url: str, out: str) -> None:
         killer.join(timeout=60)
         report["round2"] = json.loads(row["metrics"])
         report["removed"] = removed
+
+        joined = cluster.add_node(num_cpus=2)
+        cluster.wait_for_nodes()
+        # Round 2's actors are killed asynchronously: wait until their CPUs are free, or the
+        # spread would have only the new node to go to.
+        deadline = time.monotonic() + 30
+        while ray.available_resources().get("CPU", 0) < 3 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        report["retrain_nodes"] = sorted([workers[0].node_id, joined.node_id])
+        report["retrained"] = retrain(store, 2, plan, meta, RETRAIN)
     finally:
         ray.shutdown()
         cluster.shutdown()
@@ -111,7 +139,7 @@ def run_scenario(tmp_path: Path) -> tuple[Store, dict]:
 
 
 @pytest.mark.timeout(SCENARIO_TIMEOUT_S + 60)
-def test_actors_spread_over_nodes_and_a_lost_node_loses_no_image(tmp_path):
+def test_stages_and_retraining_spread_over_nodes_and_a_lost_node_loses_no_image(tmp_path):
     store, report = run_scenario(tmp_path)
     first, second = report["round1"], report["round2"]
 
@@ -150,6 +178,23 @@ def test_actors_spread_over_nodes_and_a_lost_node_loses_no_image(tmp_path):
     assert differing == [(0,)]
     assert second["masks"] == first["masks"] == masks1
     assert store.shard_keys("masks", 2, "auto") == store.shard_keys("masks", 1, "auto")
+
+    # Retraining: its two Ray Train workers ran on two nodes, the survivor and the new one
+    # (the new one alone had the CPUs for both), and the stored version says so.
+    trained = report["retrained"]["metrics"]
+    assert trained["workers"] == 2 and trained["steps"] == 2
+    assert trained["train_worker_nodes"] == 2
+    assert trained["train_node_ids"] == report["retrain_nodes"]
+    assert trained["train_images"] == IMAGES and trained["train_loss_first"] > 0
+    stored = {int(m["version"]): m for m in store.model_metas()}
+    assert sorted(stored) == [1, 2]
+    assert (stored[2]["source"], stored[2]["round"], stored[2]["base_version"]) == (
+        "retrain",
+        2,
+        1,
+    )
+    assert stored[2]["metrics"]["train_worker_nodes"] == 2
+    assert load_checkpoint(stored[2]["uri"]).config.name == "tiny"
 
 
 if __name__ == "__main__":

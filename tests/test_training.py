@@ -586,6 +586,8 @@ def test_two_worker_retrain_averages_gradients_and_repeats_exactly(ray_cluster, 
     second, _ = _fit(base, samples, config, steps=3, seen_round=1)
 
     assert metrics["steps"] == 3 and metrics["workers"] == 2
+    # One machine: both ranks on its one node (tests/test_ray_cluster.py checks two nodes).
+    assert metrics["train_worker_nodes"] == 1 and len(metrics["train_node_ids"]) == 1
     assert metrics["train_loss_first"] > 0 and 0.0 <= metrics["train_iou_final_last"] <= 1.0
     # The same command trains the same model, bit for bit.
     for (name, a), b in zip(first.state_dict().items(), second.state_dict().values(), strict=True):

@@ -23,7 +23,8 @@ per worker), whose backward averages the gradients across workers; every worker 
 AdamW step, so all replicas stay equal. Every draw is a function of the seed, the step and the
 worker's rank, so the same command trains the same model. Workers report their loss through
 ``ray.train.report`` about every tenth of the steps; rank 0 reports the trained weights as the
-run's checkpoint.
+run's checkpoint. Workers are placed ``SPREAD`` (one per node while there are nodes with a free
+CPU), and the run's metrics say where they ran (``train_worker_nodes``, ``train_node_ids``).
 
 Promotion: the base and the candidate are scored by 1-click mIoU on the validation images'
 annotated masks (``engine.plan.evaluate_validation``); the candidate is promoted when its score
@@ -441,9 +442,11 @@ def _fit(
     config: RetrainConfig,
     steps: int,
     seen_round: int = -1,
-):
-    """Run the Ray Train job of ``steps`` steps; return the trained model and its training
-    metrics (rank 0's). Samples of rounds after ``seen_round`` are the new ones (:func:`_draw`)."""
+) -> tuple[Sam, dict[str, Any]]:
+    """Run the Ray Train job of ``steps`` steps, its workers spread over the cluster's nodes;
+    return the trained model and its training metrics (rank 0's, with ``train_worker_nodes``:
+    how many nodes the workers ran on, and ``train_node_ids``: their Ray node ids). Samples of
+    rounds after ``seen_round`` are the new ones (:func:`_draw`)."""
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -466,6 +469,10 @@ def _fit(
                 # wait forever for the missing ones.
                 use_gpu=gpus_available(at_least=config.workers),
                 resources_per_worker={"CPU": 1},
+                # One worker per node where the cluster has the nodes: the steps run in
+                # parallel on separate machines' cores. A soft spread: workers share a node
+                # when there are fewer nodes (or free CPUs) than workers.
+                placement_strategy="SPREAD",
             ),
             run_config=RunConfig(storage_path=scratch, name="retrain"),
         )
@@ -683,7 +690,7 @@ def _train_loop(loop_config: dict[str, Any]) -> None:
                 {"step": step + 1, "train_loss": float(np.mean(losses[-report_every:]))}
             )
     tail = max(1, len(losses) // 4)
-    metrics = {
+    metrics: dict[str, Any] = {
         "steps": steps,
         "workers": world,
         "train_loss_first": float(np.mean(losses[:tail])),
@@ -691,6 +698,10 @@ def _train_loop(loop_config: dict[str, Any]) -> None:
         "train_iou1_last": float(np.mean(first_ious[-tail:])),
         "train_iou_final_last": float(np.mean(last_ious[-tail:])),
     }
+    # Where the ranks ran (rank 0's metrics are the run's): shows the job was spread.
+    node_ids = _rank_node_ids(world)
+    metrics["train_worker_nodes"] = len(set(node_ids))
+    metrics["train_node_ids"] = sorted(set(node_ids))
     if isinstance(simulation_step, DistributedDataParallel):
         simulation_step = simulation_step.module
     with tempfile.TemporaryDirectory(prefix="maskmill-retrain-ckpt-") as folder:
@@ -699,6 +710,21 @@ def _train_loop(loop_config: dict[str, Any]) -> None:
             save_checkpoint(simulation_step.model.eval(), os.path.join(folder, CHECKPOINT_FILE))
             checkpoint = ray.train.Checkpoint.from_directory(folder)
         ray.train.report(metrics, checkpoint=checkpoint)  # uploads before it returns
+
+
+def _rank_node_ids(world: int) -> list[str]:
+    """The Ray node id of every rank of a ``world``-rank training job, by rank; a collective
+    call, so every rank must make it (the same step on each)."""
+    import ray
+    import torch.distributed as dist
+
+    node_id = ray.get_runtime_context().get_node_id()
+    if world == 1 or not dist.is_initialized():
+        return [node_id]
+    # One small object per rank, once, through the process group Ray Train set up.
+    gathered: list[Any] = [None] * world
+    dist.all_gather_object(gathered, node_id)
+    return [str(n) for n in gathered]
 
 
 def retrain_schedule(config: RetrainConfig, steps: int) -> TrainConfig:
