@@ -21,11 +21,14 @@ Generated scenes (``engine.training.synthetic.write_coco``) at ``--size`` px lon
 images/s, wall and after the actors started, and the speed-up.
 
 ``memory``: the same stage on 1 worker over a store of each ``--corpus`` size (``--corpus 500
-5000``): the driver's peak RSS while images stream (above its RSS before), its peak during
-the stage's closing figures (DuckDB over every shard of the stage), and the actor's peak RSS.
-The images' loop streams, so the first and the actor's should not grow with the corpus (the
-closing queries do, with the shard count). Then the stage once more
-over the finished store: the time a resume spends skipping done images (one listing).
+5000``): the driver's peak RSS while images stream (above its RSS before), its peak over the
+whole stage, closing figures included, and the actor's peak RSS. The images' loop streams, so
+the first and the actor's should not grow with the corpus. The closing figures
+(``storage.queries.stage_figures``, counted once per finish) read the stage's own shards, each
+once: their time (``closing_figures_s``, measured alone after the stage) grows with the stage's
+shard count, not the store's. Then the stage once more over the finished store: a rerun with
+nothing to do returns the stored rounds row (a listing of the stage's shards and a read of the
+row), its time and the driver's RSS growth during it.
 
 ``stats``: ``compute_stats`` over ``--stats-masks`` synthetic mask rows (goal <= 2 s at 10 M).
 
@@ -59,6 +62,7 @@ from maskmill.engine.training.synthetic import write_coco
 from maskmill.model import build_model
 from maskmill.model.sam import encoder_digest
 from maskmill.storage import Store, cache_size, import_coco
+from maskmill.storage.queries import stage_figures
 
 CACHE_GOAL = 0.2  # second stage / first stage, at most
 STATS_GOAL_S = 2.0  # maskmill stats over 10 M masks, at most
@@ -228,7 +232,8 @@ def bench_memory(args: argparse.Namespace) -> dict[str, Any]:
     """The ``memory`` section: the automatic stage on one worker over ``--corpus`` sizes
     (500, and 5000 with ``--corpus 500 5000``), each in a store of its own: the driver's peak
     RSS during the stage (above its RSS before) and the actor's peak RSS. Streaming holds
-    both flat: the ratio largest / smallest corpus should stay near 1."""
+    both flat: the ratio largest / smallest corpus should stay near 1. Then the closing
+    figures alone, and a rerun of the finished stage (module doc)."""
     init_ray(num_cpus=max(2, args.workers))
     figures: dict[str, Any] = {"model": args.scale_model, "points_per_side": args.points_per_side}
     peaks = []
@@ -236,10 +241,16 @@ def bench_memory(args: argparse.Namespace) -> dict[str, Any]:
         with tempfile.TemporaryDirectory() as tmp:
             store, plan, meta = corpus_store(Path(tmp), images, args)
             metrics, wall, rss = _auto_stage(store, 1, plan, meta, 1, args.points_per_side)
-            # The same stage again, every image done: what a resume spends on skipping.
-            started = time.perf_counter()
-            fully_automatic(store, 1, plan, plan.auto, meta, 1, {}, embedding_cache=False)
-            figures[f"{images}_resume_all_done_s"] = time.perf_counter() - started
+            # What the stage's finish counts (once), alone: the stage's own shards, each once.
+            with RssSampler() as closing:
+                started = time.perf_counter()
+                stage_figures(store, 1, "auto")
+                closing_s = time.perf_counter() - started
+            # The same stage again, every image done: it returns the stored row.
+            with RssSampler() as resume:
+                started = time.perf_counter()
+                fully_automatic(store, 1, plan, plan.auto, meta, 1, {}, embedding_cache=False)
+                resume_s = time.perf_counter() - started
         driver_mb = (rss.streaming_peak - rss.start) / 2**20
         actor_mb = metrics["actor_peak_rss_mb"]
         peaks.append((driver_mb, actor_mb))
@@ -248,6 +259,10 @@ def bench_memory(args: argparse.Namespace) -> dict[str, Any]:
         # The stage's closing figures (DuckDB over the stage's shards) peak above the loop.
         figures[f"{images}_driver_closing_mb"] = (rss.peak - rss.start) / 2**20
         figures[f"{images}_actor_peak_mb"] = actor_mb
+        figures[f"{images}_closing_figures_s"] = closing_s
+        figures[f"{images}_closing_figures_mb"] = (closing.peak - closing.start) / 2**20
+        figures[f"{images}_resume_all_done_s"] = resume_s
+        figures[f"{images}_resume_driver_mb"] = (resume.peak - resume.start) / 2**20
     if len(peaks) > 1:
         figures["driver_growth_mb"] = peaks[-1][0] - peaks[0][0]
         figures["actor_ratio"] = peaks[-1][1] / peaks[0][1]

@@ -14,7 +14,9 @@ mask lost or duplicated (mask ids are a hash of image, round, stage and index). 
 cannot be read goes to the failures table with the reason, and the round goes on; so does an
 image whose model step raises (reason ``model_error``, with the exception). A failed image has no
 shard, so a rerun tries it again. Each stage
-ends by writing its row of the rounds table (:func:`stage_metrics`).
+ends by writing its row of the rounds table (:func:`stage_metrics`), counting the stage's shards
+once; a stage with every image done and its row up to date returns the stored row instead
+(``StageWriter.finished_row``): rerunning a finished stage costs a listing and changes nothing.
 
 The two annotation stages write with ``StageWriter(shared=True)``: each image is claimed
 (``storage.claims``), annotated while its claim is renewed, and committed once, so a simulated
@@ -155,7 +157,11 @@ def _annotation_stage(
     # Shared: people (maskmill serve) and other runs may annotate this round and stage at once;
     # each image is claimed, annotated and committed by one of them.
     with StageWriter(store, round_, stage, shared=True) as writer:
-        todo = [i for i in image_ids if not writer.done(i)]
+        if (finished := writer.finished_row(image_ids)) is not None:
+            return finished
+        # One listing of the committed shards, not one request per image.
+        done = set(store.shard_keys("masks", round_, stage))
+        todo = [i for i in image_ids if i not in done]
         # One query for the stage: what earlier rounds drew on each image (shown, not redone).
         earlier = existing_masks(store, todo, round_)
         if todo:
@@ -199,12 +205,19 @@ def _annotation_stage(
                 # comes back to claim_next here); the metrics are measured once, at the end.
                 time.sleep(CLAIM_POLL_S)
                 continue
+            figures = stage_figures(store, round_, stage)  # once, for metrics and row
             metrics = stage_metrics(
-                store, round_, stage, model_meta, time.perf_counter() - started, run_counts
+                store,
+                round_,
+                stage,
+                model_meta,
+                time.perf_counter() - started,
+                run_counts,
+                figures=figures,
             )
             # Whoever finishes the round last writes its row (None: one came back meanwhile).
             row = writer.finish_if_complete(
-                image_ids, model_version=version, metrics={**metrics, **thresholds}
+                image_ids, model_version=version, metrics={**metrics, **thresholds}, figures=figures
             )
         return row
 
@@ -339,6 +352,8 @@ def fully_automatic(
     started = time.perf_counter()
     thresholds: dict[str, float] = {}
     with StageWriter(store, round_, "auto") as writer:
+        if (finished := writer.finished_row(image_ids)) is not None:
+            return finished
         # One listing of the committed shards, not one request per image: a resume costs the
         # same whatever the store holds. Jobs are the images' infos (URIs): actors read them.
         done = set(store.shard_keys("masks", round_, "auto"))
@@ -369,16 +384,21 @@ def fully_automatic(
                     ]
                     writer.write_masks(info.image_id, records, model_version=version)
                 pool_figures = _pool_figures(pool)
+        figures = stage_figures(store, round_, "auto")  # once, for metrics and row
+        metrics = stage_metrics(
+            store, round_, "auto", model_meta, time.perf_counter() - started, figures=figures
+        )
         return writer.finish(
             model_version=version,
             metrics={
-                **stage_metrics(store, round_, "auto", model_meta, time.perf_counter() - started),
+                **metrics,
                 "worker_seconds": worker_seconds,
                 "pool_start_seconds": pool_start_seconds,
                 "workers": workers,
                 **pool_figures,
                 **thresholds,
             },
+            figures=figures,
         )
 
 
@@ -422,6 +442,7 @@ def stage_metrics(
     model_meta: dict[str, Any],
     compute_seconds: float | None = None,
     run_counts: dict[str, int] | None = None,
+    figures: dict[str, Any] | None = None,
 ) -> dict[str, float | int | None]:
     """A round's figures, counted from what is stored (so a resumed round counts everything).
 
@@ -440,8 +461,13 @@ def stage_metrics(
     them (a person's web session). The semi stage adds the pre-fill verdicts: ``prefill_kept``
     (its masks of source ``model``), ``prefill_corrected`` (annotated with no click),
     ``prefill_deleted`` and ``prefill`` (the three together).
+
+    ``figures``: :func:`storage.queries.stage_figures` of the stage, when the caller counted
+    them already (to pass the same to ``StageWriter.finish``: the shards are read once); None:
+    counted here.
     """
-    figures = stage_figures(store, round_, stage)
+    if figures is None:
+        figures = stage_figures(store, round_, stage)
     images, masks, annotated = figures["images"], figures["masks"], figures["annotated"]
     seconds = figures["seconds"]
     model_metrics = model_meta.get("metrics") or {}

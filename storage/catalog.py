@@ -12,18 +12,24 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import duckdb
 import pyarrow as pa
 
 from maskmill.storage.schema import BOX, MODELS, PARTITIONED, POINT, SCHEMAS
-from maskmill.storage.store import Store
+from maskmill.storage.store import Store, check_key
 
 TABLES = tuple(SCHEMAS)
 # Parquet has no fixed-size lists: these come back as plain lists, so the views cast them to
 # the DuckDB arrays the Arrow schema means (the same types as an empty table's).
 _CASTS = {BOX: "FLOAT[4]", pa.list_(POINT): "FLOAT[2][]"}
+# Where a folder query (Catalog.query_folder) names its shards.
+SHARDS = "{shards}"
+# What DuckDB raises when a folder's files do not all have the columns of the first one: a
+# column the first lacks (at bind) or a later file lacks (at scan).
+_SCHEMA_MISMATCH = (duckdb.BinderException, duckdb.InvalidInputException)
 
 
 def _literal(text: str) -> str:
@@ -43,14 +49,23 @@ def _model_row(meta: dict[str, Any]) -> dict[str, Any]:
 
 
 class Catalog:
-    """DuckDB connection with views ``images``, ``masks``, ``rounds``, ``failures``, ``models``."""
+    """DuckDB connection with views ``images``, ``masks``, ``rounds``, ``failures``, ``models``
+    and ``reviews``; ``tables`` (default: all) opens only those views. A view reads the schema
+    of every shard of its table when it is made, so a question about a few tables opens only
+    theirs (:func:`~storage.queries.stage_figures` needs ``images`` alone)."""
 
-    def __init__(self, store: Store | str, threads: int | None = None) -> None:
+    def __init__(
+        self, store: Store | str, threads: int | None = None, tables: Iterable[str] = TABLES
+    ) -> None:
         self.store = store if isinstance(store, Store) else Store(store)
+        tables = tuple(tables)
+        unknown = sorted(set(tables) - set(TABLES))
+        if unknown:
+            raise ValueError(f"unknown tables {unknown}; tables are {sorted(TABLES)}")
         self.con = duckdb.connect(config={"threads": threads} if threads else {})
         if not self.store.local:
             self.con.register_filesystem(self.store.fs)
-        for table in TABLES:
+        for table in tables:
             try:
                 self.con.execute(f"CREATE VIEW {table} AS {self._source(table)}")
             except duckdb.BinderException:
@@ -68,9 +83,10 @@ class Catalog:
         rows = self.con.execute(f"DESCRIBE SELECT * FROM {self.scan(table)}").fetchall()
         return {row[0] for row in rows}
 
-    def _source(self, table: str, present: set[str] | None = None) -> str:
-        """SELECT over a table's shards, or over an empty table of its schema when it has none;
-        schema columns not in ``present`` (when given) are null of their type."""
+    def _columns(self, table: str, present: set[str] | None = None) -> str:
+        """The SELECT list of a table's schema columns (fixed-size lists cast to arrays); those
+        not in ``present`` (when given) are null of their type. Registers the empty table of
+        the schema, ``_empty_<table>``."""
         schema = SCHEMAS[table]
         self.con.register(f"_empty_{table}", schema.empty_table())
         missing = {f.name for f in schema} - present if present is not None else set()
@@ -78,7 +94,7 @@ class Catalog:
         if missing:
             rows = self.con.execute(f"DESCRIBE SELECT * FROM _empty_{table}").fetchall()
             types = {name: kind for name, kind, *_ in rows}
-        columns = ", ".join(
+        return ", ".join(
             f'NULL::{types[f.name]} AS "{f.name}"'
             if f.name in missing
             else f'"{f.name}"::{_CASTS[f.type]} AS "{f.name}"'
@@ -86,6 +102,11 @@ class Catalog:
             else f'"{f.name}"'
             for f in schema
         )
+
+    def _source(self, table: str, present: set[str] | None = None) -> str:
+        """SELECT over a table's shards, or over an empty table of its schema when it has none;
+        schema columns not in ``present`` (when given) are null of their type."""
+        columns = self._columns(table, present)
         if table == "models":
             rows = [_model_row(meta) for meta in self.store.model_metas()]
             self.con.register("_models_rows", pa.Table.from_pylist(rows, MODELS))
@@ -112,6 +133,45 @@ class Catalog:
                 "hive_types = {'round': INTEGER, 'stage': VARCHAR})"
             )
         return f"read_parquet({glob}, union_by_name = true)"
+
+    def query_folder(
+        self,
+        query: str,
+        params: Sequence[Any],
+        table: str,
+        round_: int | None = None,
+        stage: str | None = None,
+        key_prefix: str = "",
+    ) -> list[tuple]:
+        """Rows of ``query``, in which :data:`SHARDS` stands for a subquery of ``table``'s
+        schema columns over the shards of one folder only: a partition (``round_`` and
+        ``stage``) of a partitioned table, those whose keys start with ``key_prefix``. The
+        caller knows there is one (``read_parquet`` of no file is an error).
+
+        A question about one round and stage thus reads its files, not every file of the table
+        as the views do. The files are read as DuckDB reads a list of one schema (the first
+        file's; each other file's footer once, as it is scanned: about 25 % less CPU than
+        ``union_by_name`` at 5,000 shards, which reads every footer to bind and again to scan).
+        When they differ (a column added to the schema after some were written), DuckDB refuses
+        (a column missing from the first file or from a later one), and they are read again by
+        name, absent columns null.
+        """
+        name = self.store.shard_glob(table).rsplit("/", 1)[1]  # the store's shard names
+        if key_prefix:
+            name = name.replace("*", f"{check_key(key_prefix, 'key prefix')}*", 1)
+        glob = _literal(self.store.url_of(f"{self.store.table_dir(table, round_, stage)}/{name}"))
+        # hive_partitioning off: round and stage are the files' own columns, with their types.
+        scan = f"read_parquet({glob}, hive_partitioning = false)"
+        present: set[str] | None = None  # every schema column
+        try:
+            source = f"(SELECT {self._columns(table)} FROM {scan})"
+            return self.con.execute(query.replace(SHARDS, source), list(params)).fetchall()
+        except _SCHEMA_MISMATCH:
+            scan = f"read_parquet({glob}, hive_partitioning = false, union_by_name = true)"
+            described = self.con.execute(f"DESCRIBE SELECT * FROM {scan}").fetchall()
+            present = {row[0] for row in described}
+        source = f"(SELECT {self._columns(table, present)} FROM {scan})"
+        return self.con.execute(query.replace(SHARDS, source), list(params)).fetchall()
 
     def sql(self, query: str, params: list[Any] | None = None) -> duckdb.DuckDBPyRelation:
         """Run a query; the result is a DuckDB relation (``.fetchall()``, ``.arrow()``, ...)."""

@@ -16,7 +16,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
-from maskmill.storage.catalog import Catalog
+from maskmill.storage.catalog import SHARDS, TABLES, Catalog
 from maskmill.storage.images import ImageInfo
 from maskmill.storage.schema import STAGE_GT, STAGES
 from maskmill.storage.store import Store
@@ -49,13 +49,30 @@ _REVIEW_RULES = {
 
 
 @contextmanager
-def _opened(source: Store | str | Catalog) -> Iterator[Catalog]:
-    """``source`` itself when it is a catalog (left open), else a catalog of it, closed after."""
+def _opened(
+    source: Store | str | Catalog, tables: Sequence[str] | None = None
+) -> Iterator[Catalog]:
+    """``source`` itself when it is a catalog (left open), else a catalog of it (of its
+    ``tables`` only, when given), closed after."""
     if isinstance(source, Catalog):
         yield source
         return
-    with Catalog(source) as catalog:
+    with Catalog(source, tables=TABLES if tables is None else tables) as catalog:
         yield catalog
+
+
+def stage_key(round_: int, stage: str) -> str:
+    """The shard key of a round and stage's rounds row; its failures shards' keys are this,
+    a dash and the image id (or unit of work)."""
+    return f"r{int(round_)}-{stage}"
+
+
+# SQL: the ids of the images a round and stage has finished (:func:`images_done`), of the
+# partition's shard keys (a parameter) and the image ids of ``{masks}``, its masks.
+_DONE = (
+    "SELECT image_id FROM images WHERE image_id IN (SELECT unnest(?)) "
+    "UNION SELECT image_id FROM {masks}"
+)
 
 
 def _rle(counts: str, height: int, width: int) -> dict[str, Any]:
@@ -227,15 +244,42 @@ def images_done(source: Store | str | Catalog, round_: int, stage: str) -> list[
     An image is done when its unit of work is committed: a masks shard keyed by its id (written
     with masks or with none, so an image the model found nothing in counts), or masks of it in
     a shard of several images (a ground-truth import). Failed images have no shard.
+
+    Reads the round and stage's own shards (:meth:`~storage.catalog.Catalog.query_folder`), as
+    listed now; of a catalog given as ``source``, only its ``images`` view is used.
     """
-    with _opened(source) as catalog:
+    with _opened(source, ("images",)) as catalog:
         keys = catalog.store.shard_keys("masks", int(round_), stage)
-        rows = catalog.con.execute(
-            "SELECT image_id FROM images WHERE image_id IN (SELECT unnest(?)) "
-            "UNION SELECT image_id FROM masks WHERE round = ? AND stage = ? ORDER BY image_id",
-            [keys, int(round_), stage],
-        ).fetchall()
+        if not keys:  # no shard: nothing done (and read_parquet of no file is an error)
+            return []
+        rows = catalog.query_folder(
+            _DONE.format(masks=SHARDS) + " ORDER BY image_id", [keys], "masks", round_, stage
+        )
     return [image_id for (image_id,) in rows]
+
+
+# SQL of stage_figures over a partition's shards (parameters: the source of the model's masks,
+# the partition's shard keys): one pass, per image (the per-image rows also give the images
+# done), then summed. Annotated masks are those with clicks recorded.
+_FIGURES = f"""
+WITH per_image AS MATERIALIZED (
+    SELECT image_id, count(*) AS masks, count(clicks) AS annotated,
+           sum(len(clicks)) AS clicks,
+           sum(strokes) FILTER (WHERE clicks IS NOT NULL) AS strokes,
+           sum(stroke_seconds) FILTER (WHERE clicks IS NOT NULL) AS stroke_seconds,
+           sum(model_iou) FILTER (WHERE clicks IS NOT NULL) AS iou_sum,
+           count(model_iou) FILTER (WHERE clicks IS NOT NULL) AS iou_count,
+           sum(seconds) AS seconds,
+           count(*) FILTER (WHERE source = ?) AS model_masks,
+           count(*) FILTER (WHERE len(clicks) = 0) AS no_click_masks
+    FROM {SHARDS} GROUP BY image_id)
+SELECT (SELECT count(*) FROM ({_DONE.format(masks="per_image")})),
+       coalesce(sum(masks), 0), coalesce(sum(annotated), 0), coalesce(sum(clicks), 0),
+       coalesce(sum(strokes), 0), coalesce(sum(stroke_seconds), 0),
+       sum(iou_sum) / nullif(sum(iou_count), 0), coalesce(sum(seconds), 0),
+       coalesce(sum(model_masks), 0), coalesce(sum(no_click_masks), 0)
+FROM per_image
+"""
 
 
 def stage_figures(source: Store | str | Catalog, round_: int, stage: str) -> dict[str, Any]:
@@ -248,27 +292,33 @@ def stage_figures(source: Store | str | Catalog, round_: int, stage: str) -> dic
         None when none has it), ``seconds`` (annotation time in all), ``model_masks`` (source
         ``model``: a semi stage's kept pre-fill), ``no_click_masks`` (annotated with no click:
         a corrected pre-fill) and ``failures`` (distinct images or URIs refused).
+
+    Reads only the round and stage's own shards, each once (its masks partition, counted per
+    image, which also gives :func:`images_done`; its failures shards), not every shard of the
+    store: a stage's closing figures cost what the stage holds.
     """
-    with _opened(source) as catalog:
-        images = len(images_done(catalog, round_, stage))
-        row = catalog.con.execute(
-            "SELECT count(*), count(clicks), coalesce(sum(len(clicks)), 0), "
-            "coalesce(sum(strokes) FILTER (WHERE clicks IS NOT NULL), 0), "
-            "coalesce(sum(stroke_seconds) FILTER (WHERE clicks IS NOT NULL), 0), "
-            "avg(model_iou) FILTER (WHERE clicks IS NOT NULL), coalesce(sum(seconds), 0), "
-            "count(*) FILTER (WHERE source = ?), count(*) FILTER (WHERE len(clicks) = 0) "
-            "FROM masks WHERE round = ? AND stage = ?",
-            ["model", int(round_), stage],
-        ).fetchone()
-        masks, annotated, clicks, strokes, stroke_seconds, model_iou_mean, seconds = row[:7]
-        model_masks, no_click_masks = row[7:]
-        (failures,) = catalog.con.execute(
-            "SELECT count(DISTINCT coalesce(image_id, uri)) FROM failures "
-            "WHERE round = ? AND stage = ?",
-            [int(round_), stage],
-        ).fetchone()
+    round_ = int(round_)
+    with _opened(source, ("images",)) as catalog:
+        store = catalog.store
+        keys = store.shard_keys("masks", round_, stage)
+        row: Sequence[Any] = (0, 0, 0, 0, 0, 0, None, 0, 0, 0)  # no shard, no mask
+        if keys:
+            (row,) = catalog.query_folder(_FIGURES, ["model", keys], "masks", round_, stage)
+        images, masks, annotated, clicks, strokes, stroke_seconds, model_iou_mean = row[:7]
+        seconds, model_masks, no_click_masks = row[7:10]
+        failures = 0
+        prefix = f"{stage_key(round_, stage)}-"
+        if any(key.startswith(prefix) for key in store.shard_keys("failures")):
+            # The WHERE: a longer stage name may share the prefix.
+            ((failures,),) = catalog.query_folder(
+                f"SELECT count(DISTINCT coalesce(image_id, uri)) FROM {SHARDS} "
+                "WHERE round = ? AND stage = ?",
+                [round_, stage],
+                "failures",
+                key_prefix=prefix,
+            )
     return {
-        "images": images,
+        "images": int(images),
         "masks": int(masks),
         "annotated": int(annotated),
         "clicks": int(clicks),

@@ -4,6 +4,7 @@ lease, or (``shared``) under per-image claims."""
 from __future__ import annotations
 
 import datetime as dt
+import fnmatch
 import json
 import os
 import socket
@@ -13,13 +14,14 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from maskmill.storage import rle
 from maskmill.storage.claims import CLAIM_TTL_S, ImageClaims
 from maskmill.storage.errors import ImageDoneError
 from maskmill.storage.images import ImageInfo, images_table
 from maskmill.storage.lease import DEFAULT_TTL_S, StageLease
-from maskmill.storage.queries import stage_figures
+from maskmill.storage.queries import stage_figures, stage_key
 from maskmill.storage.schema import FAILURES, MASKS, ROUNDS
 from maskmill.storage.store import Store, check_key
 
@@ -148,7 +150,7 @@ class StageWriter:
         self.round = int(round_)
         self.stage = check_key(stage, "stage")
         # Shard key of the stage's rounds row; its failures shards' keys start with it too.
-        self.key = f"r{self.round}-{self.stage}"
+        self.key = stage_key(self.round, self.stage)
         self.shared = shared
         self.lease: StageLease | None = None
         self.claims: ImageClaims | None = None
@@ -288,11 +290,17 @@ class StageWriter:
         return path
 
     def finish(
-        self, model_version: int | None = None, metrics: Mapping[str, float] | None = None
+        self,
+        model_version: int | None = None,
+        metrics: Mapping[str, float] | None = None,
+        figures: Mapping[str, Any] | None = None,
     ) -> dict[str, Any]:
         """Write this round and stage's row of the rounds table, counting what is stored:
-        ``images`` done (:func:`~storage.queries.images_done`) and ``masks``."""
-        figures = stage_figures(self.store, self.round, self.stage)
+        ``images`` done (:func:`~storage.queries.images_done`) and ``masks``. ``figures``:
+        :func:`~storage.queries.stage_figures` of the stage when the caller counted them
+        already (for its metrics), so the stage's shards are read once; None: counted here."""
+        if figures is None:
+            figures = stage_figures(self.store, self.round, self.stage)
         row = {
             "round": self.round,
             "stage": self.stage,
@@ -312,11 +320,93 @@ class StageWriter:
         image_ids: Iterable[str],
         model_version: int | None = None,
         metrics: Mapping[str, float] | None = None,
+        figures: Mapping[str, Any] | None = None,
     ) -> dict[str, Any] | None:
-        """Write the rounds row (:meth:`finish`) when none of ``image_ids`` is
-        :meth:`pending` (each is done or failed) and return it; else None. Shared writers call
-        it when they run out of images, so whichever completes the round writes its row; a later
-        call writes it again, counting what is stored then, as :meth:`finish` does."""
+        """Write the rounds row (:meth:`finish`, ``figures`` as there) when none of
+        ``image_ids`` is :meth:`pending` (each is done or failed) and return it; else None.
+        Shared writers call it when they run out of images, so whichever completes the round
+        writes its row; a later call writes it again, counting what is stored then, as
+        :meth:`finish` does."""
         if self.pending(image_ids):
             return None
-        return self.finish(model_version, metrics)
+        return self.finish(model_version, metrics, figures)
+
+    def finished_row(self, image_ids: Iterable[str]) -> dict[str, Any] | None:
+        """The stored rounds row of this round and stage when a rerun has nothing to add, as
+        :meth:`finish` returned it; else None (the stage has work left, or its row must be
+        counted again). Costs a listing of the stage's shards and a read of the row, whatever
+        the store holds.
+
+        Nothing to add: every one of ``image_ids`` is done (a shard keyed by its id: a failed
+        image is tried again by a rerun, so it is not), and the row is up to date: written
+        after every masks and failures shard of the stage (the store's own modification times,
+        one clock: a shard committed after the row, by a shared writer (a person's later
+        commit of an image, ``keep_claim``) or a run killed before its :meth:`finish`, means
+        counting again), and counting at least ``image_ids`` (an image another writer committed
+        while the row was being counted). The row is one shard per round and stage, replaced
+        by every :meth:`finish` (whoever wrote it last).
+        """
+        ids = set(image_ids)
+        store = self.store
+        masks = _shard_times(store, "masks", self.round, self.stage)
+        names = (_name(store.shard_path("masks", i, self.round, self.stage)) for i in ids)
+        if any(name not in masks for name in names):
+            return None
+        failures = _shard_times(store, "failures", key_prefix=f"{self.key}-")
+        path = store.shard_path("rounds", self.key)
+        try:
+            written = _modified(store.fs.info(path))  # listed afresh by _shard_times
+        except FileNotFoundError:
+            return None
+        newest = [*masks.values(), *failures.values()]
+        if written is None or None in newest or any(t >= written for t in newest):
+            return None  # a tie is not after: counted again
+        with store.fs.open(path, "rb") as handle:
+            rows = pq.read_table(handle, schema=ROUNDS).to_pylist()
+        if len(rows) != 1 or rows[0]["images"] < len(ids):
+            return None
+        return rows[0]
+
+
+def _name(path: str) -> str:
+    """The last part of a path: a file's name in its folder."""
+    return path.rstrip("/").rsplit("/", 1)[1]
+
+
+def _shard_times(
+    store: Store,
+    table: str,
+    round_: int | None = None,
+    stage: str | None = None,
+    key_prefix: str = "",
+) -> dict[str, float | None]:
+    """File name -> modification time (POSIX seconds; None where the filesystem gives none) of
+    the committed shards of one table folder (:meth:`Store.table_dir`) whose keys start with
+    ``key_prefix``, from one listing (asked of the store: a cached listing would miss other
+    processes' commits)."""
+    pattern = _name(store.shard_glob(table)).replace("*", f"{key_prefix}*", 1)
+    store.fs.invalidate_cache()
+    try:
+        entries = store.fs.ls(store.table_dir(table, round_, stage), detail=True)
+    except FileNotFoundError:
+        return {}
+    return {
+        _name(entry["name"]): _modified(entry)
+        for entry in entries
+        if entry.get("type") != "directory" and fnmatch.fnmatchcase(_name(entry["name"]), pattern)
+    }
+
+
+def _modified(info: Mapping[str, Any]) -> float | None:
+    """The modification time (POSIX seconds) of an fsspec listing entry, under the names
+    filesystems give it (local: ``mtime``; S3: ``LastModified``; GCS: ``updated``; memory:
+    ``created``, a new object at every write); None when it has none."""
+    for field in ("mtime", "LastModified", "last_modified", "updated", "created"):
+        value = info.get(field)
+        if isinstance(value, str):
+            value = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
+        if isinstance(value, dt.datetime):
+            return value.timestamp()
+        if isinstance(value, (int, float)):
+            return float(value)
+    return None

@@ -339,6 +339,42 @@ def test_two_annotation_stages_share_a_round(tmp_path, scenes):
     assert _claim_files(store) == []
 
 
+def test_a_finished_stage_reruns_as_its_row_until_a_person_commits_again(tmp_path, scenes):
+    """Rerunning a finished stage returns its stored rounds row and writes nothing (same row,
+    same finished_at). A person who kept the claim of an image (done since their first commit)
+    commits it again after the row: the next rerun counts again, and writes the new row."""
+    store, plan, ids, meta = _engine_store(tmp_path / "store", scenes)
+    info = plan.images[ids[0]]
+
+    def squares(n: int) -> list[dict]:
+        out = []
+        for index in range(n):
+            mask = np.zeros((info.height, info.width), bool)
+            mask[10 * index : 10 * index + 8, 5:20] = True
+            out.append({"image_id": ids[0], "segmentation": rle.encode(mask), "index": index})
+        return out
+
+    def round_rows() -> list[dict]:  # round 0: the ground-truth import's
+        return [r for r in store.read_table("rounds").to_pylist() if r["round"] == 1]
+
+    person = _shared(store, "web:ana")
+    assert person.claims.claim(ids[0])
+    person.write_masks(ids[0], squares(1), keep_claim=True, source="web:ana")
+    row = assisted_manual(store, 1, plan, ids, meta, _annotator(store))
+    assert row["images"] == 4 and row["masks"] > 1
+    assert round_rows() == [row]
+    assert assisted_manual(store, 1, plan, ids, meta, _annotator(store)) == row
+    assert round_rows() == [row]  # unchanged: same row, same finished_at
+
+    time.sleep(0.05)  # the person's commit is later than the row by the store's clock
+    person.write_masks(ids[0], squares(2), keep_claim=True, source="web:ana")
+    again = assisted_manual(store, 1, plan, ids, meta, _annotator(store))
+    assert again["masks"] == row["masks"] + 1 and again["finished_at"] > row["finished_at"]
+    assert round_rows() == [again]
+    assert assisted_manual(store, 1, plan, ids, meta, _annotator(store)) == again
+    person.__exit__(None, None, None)
+
+
 def test_a_stage_waits_for_a_person_s_image_and_then_completes_the_round(tmp_path, scenes):
     """A person holds one image of the round; the simulated stage annotates the others, waits
     for that one, and writes the row once the person commits it."""

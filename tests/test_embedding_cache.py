@@ -229,6 +229,11 @@ def test_automatic_stage_on_a_ray_actor_reads_the_cache(tmp_path, scenes, model,
     row = fully_automatic(store, 1, plan, ids, meta, 1, AUTO_OPTIONS)
     assert row["images"] == len(ids)
     assert entry_files(store) == files  # the actor read every embedding
+    # Rerun, every image done: the stored row comes back, and the rounds table is unchanged.
+    rounds = store.read_table("rounds").to_pylist()
+    assert fully_automatic(store, 1, plan, ids, meta, 1, AUTO_OPTIONS) == row
+    assert [r for r in rounds if r["round"] == 1] == [row]  # round 0: the import's
+    assert store.read_table("rounds").to_pylist() == rounds
     stored = stage_masks(store, 1, "auto")
     for image_id in ids:
         expected = [r["segmentation"]["counts"] for r in local[image_id]]

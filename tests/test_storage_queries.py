@@ -4,10 +4,13 @@ and the rule that engine/ asks them instead of naming files or writing SQL."""
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from maskmill.engine.report import rounds_table
@@ -23,8 +26,8 @@ from maskmill.storage.queries import (
     stage_progress,
     training_set,
 )
-from maskmill.storage.writer import utc_now
-from tests.test_storage_data import STORE_KINDS, empty_store
+from maskmill.storage.writer import masks_table, utc_now
+from tests.test_storage_data import STORE_KINDS, empty_store, snapshot
 
 IDS = ("A", "B", "C", "D")
 
@@ -116,6 +119,117 @@ def test_failures_are_not_done(store):
         row = writer.finish()
     assert row["images"] == 1 and images_done(store, 1, "auto") == ["A"]
     assert stage_figures(store, 1, "auto")["failures"] == 1
+
+
+# Columns added to the masks schema after the first shards were written: an old shard lacks them.
+LATER_COLUMNS = ("strokes", "stroke_seconds", "model_iou", "score")
+
+
+def _annotated(image: str, clicks: int, strokes: int, model_iou: float) -> dict:
+    """An annotator's mask of ``image``: ``clicks`` clicks, ``strokes`` strokes, 2 s."""
+    return {
+        **_mask(image, 0, 5),
+        "source": "web:ana",
+        "clicks": [[1.0, 1.0, 1]] * clicks,
+        "seconds": 2.0,
+        "strokes": strokes,
+        "stroke_seconds": 0.5 * strokes,
+        "model_iou": model_iou,
+    }
+
+
+def _write_raw(store: Store, table: str, path: str, data: bytes) -> None:
+    """Put a file at ``path`` as it is (an old writer's shard; a damaged one)."""
+    store.fs.makedirs(store.fs._parent(path), exist_ok=True)
+    store.fs.pipe_file(path, data)
+
+
+def _parquet(table: pa.Table) -> bytes:
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    return sink.getvalue().to_pybytes()
+
+
+@pytest.mark.parametrize("old_keys", [("0old",), ("zold",), ("A", "B")])
+def test_stage_figures_read_only_their_partition_whatever_the_schemas(store, old_keys):
+    """A stage's figures read its own partition only: a damaged shard of another round (which
+    a read of the whole table would choke on) changes nothing. Shards written before columns
+    were added to the schema (``old_keys``: sorted before the new shard, after it, or all of
+    the partition) count with those columns null."""
+    _images(store)
+    new = [] if old_keys == ("A", "B") else [_annotated("A", 2, 3, 0.5), _annotated("A", 1, 1, 0.7)]
+    with StageWriter(store, 1, "manual") as writer:
+        if new:
+            writer.write_masks("A", new)
+    for index, key in enumerate(old_keys):
+        record = {**_annotated(key if key in IDS else "B", 3, 9, 0.1), "index": index}
+        table = masks_table([record], 1, "manual").drop_columns(list(LATER_COLUMNS))
+        _write_raw(store, "masks", store.shard_path("masks", key, 1, "manual"), _parquet(table))
+    # Other rounds' shards: a sound one, and one that is no Parquet file at all (a read of the
+    # whole table fails on it).
+    _write(store, 2, "manual", {"C": [(0, 5)]})
+    _write_raw(store, "masks", store.shard_path("masks", "D", 9, "manual"), b"not parquet")
+
+    figures = stage_figures(store, 1, "manual")
+    old = len(old_keys)
+    assert figures["masks"] == len(new) + old
+    assert figures["annotated"] == len(new) + old
+    assert figures["clicks"] == (3 if new else 0) + 3 * old
+    assert figures["strokes"] == (4 if new else 0)  # old shards have none recorded
+    assert figures["model_iou_mean"] == (pytest.approx(0.6) if new else None)
+    assert figures["seconds"] == pytest.approx(2.0 * (len(new) + old))
+    assert figures["no_click_masks"] == 0 and figures["model_masks"] == 0
+    assert images_done(store, 1, "manual") == ["A", "B"] and figures["images"] == 2
+    assert stage_figures(store, 2, "manual")["masks"] == 1
+    empty = stage_figures(store, 5, "auto")
+    assert (empty["images"], empty["masks"], empty["model_iou_mean"]) == (0, 0, None)
+
+
+def test_a_finished_stage_s_row_is_returned_only_while_it_is_up_to_date(store):
+    """StageWriter.finished_row: the stored row, as finish returned it, while every image is
+    done and nothing was committed after the row; None otherwise, so the stage counts again."""
+    _images(store)
+    ids = ["A", "B", "C"]
+    with StageWriter(store, 1, "auto") as writer:
+        assert writer.finished_row(ids) is None  # nothing done
+        writer.write_masks("A", [_mask("A", 0, 5)])
+        writer.write_masks("B", [])
+        writer.write_failures("C", [{"image_id": "C", "uri": "file:///C.png", "error": "x"}])
+        row = writer.finish(model_version=1, metrics={"seconds": 1.0})
+        # C failed: a rerun tries it again, so the stage is not finished for these ids.
+        assert writer.finished_row(ids) is None
+        assert writer.finished_row(ids[:2]) == row
+        assert writer.finished_row([]) == row
+        time.sleep(0.05)  # the next commit is later than the row by the store's clock
+        writer.write_masks("C", [_mask("C", 1, 5), _mask("C", 2, 5)])
+        assert writer.finished_row(ids) is None  # C committed after the row: not counted
+        assert writer.finished_row(ids[:2]) is None
+        row = writer.finish(model_version=1)
+        assert writer.finished_row(ids) == row
+        assert (row["images"], row["masks"]) == (3, 3)
+        time.sleep(0.05)
+        writer.write_failures("D", [{"image_id": "D", "uri": "file:///D.png", "error": "x"}])
+        assert writer.finished_row(ids) is None  # a failure after the row: counted again
+        row = writer.finish(model_version=1)
+        assert writer.finished_row(ids) == row
+        # A row that missed an image committed while it was being counted (another writer's)
+        # is newer than every shard, but counts fewer images than are done: counted again.
+        figures = stage_figures(store, 1, "auto")
+        writer.write_masks("D", [])
+        time.sleep(0.05)
+        row = writer.finish(model_version=1, figures=figures)
+        assert row["images"] == 3 and writer.finished_row(ids) == row
+        assert writer.finished_row([*ids, "D"]) is None
+
+    def unlocked() -> dict[str, bytes]:
+        return {path: data for path, data in snapshot(store).items() if "/locks/" not in path}
+
+    before = unlocked()
+    with StageWriter(store, 1, "auto") as writer:
+        assert writer.finished_row(ids) == row
+    assert unlocked() == before  # asking changed nothing
+    with StageWriter(store, 1, "manual", shared=True) as writer:
+        assert writer.finished_row([]) is None  # no row for this stage
 
 
 def test_image_infos_and_training_set(store):
