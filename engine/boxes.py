@@ -44,7 +44,7 @@ from maskmill.storage import StageWriter, Store, rle
 from maskmill.storage.coco import load_coco_json, read_json
 from maskmill.storage.embeddings import EmbeddingCache
 from maskmill.storage.images import ImageInfo
-from maskmill.storage.queries import categories, image_infos, stage_progress
+from maskmill.storage.queries import categories, image_infos, stage_figures, stage_progress
 
 STAGE = "boxes"
 SOURCE = "detector"  # the masks' ``source``: prompted by a detector's box
@@ -495,8 +495,11 @@ def prompt_boxes(
                     )
                 ]
                 writer.write_masks(info.image_id, records, model_version=version)
-        metrics = stage_metrics(store, round_, STAGE, model_meta, time.perf_counter() - started)
-        row = writer.finish(version, {**metrics, **extra, "images_pending": 0})
+        figures = stage_figures(store, round_, STAGE)  # once, for metrics and row
+        metrics = stage_metrics(
+            store, round_, STAGE, model_meta, time.perf_counter() - started, figures=figures
+        )
+        row = writer.finish(version, {**metrics, **extra, "images_pending": 0}, figures)
     return {**row, "errors": errors}
 
 

@@ -107,7 +107,13 @@ from maskmill.storage import (
     rle,
 )
 from maskmill.storage.images import BadImageError, ImageInfo, load_stored_image
-from maskmill.storage.queries import categories, existing_masks, image_infos, stage_progress
+from maskmill.storage.queries import (
+    categories,
+    existing_masks,
+    image_infos,
+    stage_figures,
+    stage_progress,
+)
 
 STAGES = ("manual", "semi")
 # Box corners in the clicks column: SAM's prompt-encoder labels for a box's two corners.
@@ -887,10 +893,14 @@ class AnnotationSession:
         # The round is complete when no image is pending: the metrics (DuckDB over the stored
         # masks) are computed only then.
         if self.finished is None and not ws.writer.pending(ids):
+            figures = stage_figures(self.store, self.round, self.stage)  # once, metrics and row
             self.finished = ws.writer.finish_if_complete(
                 ids,
                 model_version=self.model_version,
-                metrics=stage_metrics(self.store, self.round, self.stage, self.model_meta),
+                metrics=stage_metrics(
+                    self.store, self.round, self.stage, self.model_meta, figures=figures
+                ),
+                figures=figures,
             )
 
     def _abandon(self, ws: _Workspace, work: _OpenImage, gap: float) -> None:
