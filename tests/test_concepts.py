@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import numpy as np
 import pytest
 import torch
@@ -39,13 +41,44 @@ def _rle(mask: np.ndarray) -> dict:
     return rle
 
 
-def _learn_kinds(model, made) -> list[dict]:
-    """Give ``model`` a concept head learned from one scene's kinds; its masks as RLEs."""
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread() -> Iterator[None]:
+    """Torch on one thread in this module (restored after it). Its work is many small ops (a
+    head's training steps, decoder batches of 64 points): on a 2-core machine that also runs
+    other processes (the session's Ray cluster, a parallel job), two OpenMP threads wait for
+    each other at every op; measured on such a machine, 200 steps of a concept head took 60 s
+    on two threads and 2 s on one, a scene's concept candidates 18 s and 11 s."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _learn_kinds(model, made) -> tuple[list[dict], ConceptExamples]:
+    """Give ``model`` a concept head learned from one scene's kinds; its masks as RLEs and the
+    examples the head learned from."""
     masks = [_rle(m) for m in made.instances]
     sample = {"masks": masks, "categories": made.kinds, "category_ids": [None] * len(masks)}
     examples = concept_examples(model, [sample], [made.image], ConceptTrainingConfig())
     model.concept_head, _ = train_concept_head(examples)
-    return masks
+    return masks, examples
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    """The shipped model, without a concept head (tests leave it as it is)."""
+    return load_default()
+
+
+@pytest.fixture(scope="module")
+def learned():
+    """The shipped model with a concept head learned from one scene (each object painted in
+    its kind's colour), the scene, its masks as RLEs and the head's examples: learned once for
+    the tests that prompt it (they leave the model as it is)."""
+    model = load_default()
+    made = scene(256, 256, seed=21, kind_colours=True)
+    masks, examples = _learn_kinds(model, made)
+    return model, made, masks, examples
 
 
 # ------------------------------------------------------------------------------- the head
@@ -140,12 +173,8 @@ def test_no_categories_is_an_error():
         train_concept_head(empty)
 
 
-def test_concept_examples_label_candidates_by_overlap():
-    model = load_default()
-    made = scene(256, 256, seed=21)
-    masks = [_rle(m) for m in made.instances]
-    sample = {"masks": masks, "categories": made.kinds, "category_ids": [None] * len(masks)}
-    examples = concept_examples(model, [sample], [made.image], ConceptTrainingConfig())
+def test_concept_examples_label_candidates_by_overlap(learned):
+    model, made, masks, examples = learned  # concept_examples of the scene's masks and kinds
     names = sorted(set(made.kinds))
     assert examples.names == names and examples.images == 1
     assert examples.features.shape == (len(examples.labels), 2 * model.prompt_encoder.embed_dim)
@@ -184,8 +213,8 @@ def test_checkpoint_keeps_the_head_apart_from_the_official_state_dict(tmp_path):
         load_checkpoint(path)
 
 
-def test_a_model_without_a_head_says_how_to_get_one():
-    model = load_default()
+def test_a_model_without_a_head_says_how_to_get_one(shipped):
+    model = shipped
     predictor = Predictor(model)
     predictor.set_image(scene(64, 64, seed=1).image)
     with pytest.raises(ValueError, match="no concept head.*categories"):
@@ -194,10 +223,8 @@ def test_a_model_without_a_head_says_how_to_get_one():
         require_concept_head(model)
 
 
-def test_find_instances_reports_each_mask_once_with_its_concept():
-    model = load_default()
-    made = scene(256, 256, seed=21)
-    masks = _learn_kinds(model, made)
+def test_find_instances_reports_each_mask_once_with_its_concept(learned):
+    model, made, masks, _ = learned
     predictor = Predictor(model)
     predictor.set_image(made.image)
     everything = find_instances(model, predictor.image_embedding, threshold=0.0)
@@ -223,7 +250,10 @@ def test_import_retrain_then_segment_text_finds_a_kind_on_a_held_back_scene(
     ray_cluster, tmp_path, capsys
 ):
     """Generated scenes whose objects are categorised by kind: import them, retrain (the
-    concept head learns the kinds), then `maskmill segment --text` on a scene kept back."""
+    concept head learns the kinds), then `maskmill segment --text` on a scene kept back.
+
+    Five scenes (seeds 7005-7009) hold every kind, mugs on three of them; concept examples
+    cost a grid of candidates per scene, so no more scenes than that."""
     import json
 
     from maskmill.engine.plan import ensure_initial_model, make_plan
@@ -232,7 +262,7 @@ def test_import_retrain_then_segment_text_finds_a_kind_on_a_held_back_scene(
     from maskmill.flows.cli import main
     from maskmill.storage import Store, import_coco
 
-    train = write_coco(tmp_path / "train", 10, seed=7000, height=256, width=256, kinds=True)
+    train = write_coco(tmp_path / "train", 5, seed=7005, height=256, width=256, kinds=True)
     store = Store(str(tmp_path / "store"))
     import_coco(str(train), str(tmp_path / "train" / "images"), store)
     plan = make_plan(store, manual_rounds=0, semi_rounds=0, auto=False, holdout=0.0)
@@ -241,7 +271,7 @@ def test_import_retrain_then_segment_text_finds_a_kind_on_a_held_back_scene(
     meta = retrain(store, 1, plan, base, config)
     assert meta["concepts"] == sorted([*KINDS, "part"])
     assert not meta["promoted"]  # no validation images: `segment --store` falls back to it
-    assert meta["metrics"]["concept_images"] == 10
+    assert meta["metrics"]["concept_images"] == 5
     assert meta["metrics"]["concept_loss_last"] < meta["metrics"]["concept_loss_first"]
 
     held = write_coco(tmp_path / "held", 1, seed=7105, height=256, width=256, kinds=True)
@@ -313,39 +343,38 @@ def test_import_retrain_then_segment_text_finds_a_kind_on_a_held_back_scene(
     assert "unknown concept 'unicorn'" in capsys.readouterr().err
 
 
-def test_prefill_is_encoded_once_and_arrives_labelled():
+def test_prefill_is_encoded_once_and_arrives_labelled(shipped, learned):
     from maskmill.engine.stages import encode_and_prefill, stage_generator
 
-    model = load_default()
-    made = scene(256, 256, seed=21)
-    generator = stage_generator(model, "semi")
-    predictor = Predictor(model)
-    unlabelled = encode_and_prefill(predictor, generator, made.image)
+    model, made, _, _ = learned
+    # The semi stage's generator on a grid of 8 (a stage option): what is checked is how the
+    # pre-fill is made and labelled, on any grid.
+    generator = stage_generator(shipped, "semi", {"points_per_side": 8})
+    unlabelled = encode_and_prefill(Predictor(shipped), generator, made.image)
     # Same masks as the generator encoding the image itself; no head, no categories.
     assert [r["segmentation"] for r in unlabelled] == [
         r["segmentation"] for r in generator.generate(made.image)
     ]
     assert unlabelled and all(r["source"] == "model" and "category" not in r for r in unlabelled)
-    _learn_kinds(model, made)
-    labelled = encode_and_prefill(predictor, generator, made.image)
+    # The same weights with the head learned from the scene: the same masks, now labelled.
+    generator = stage_generator(model, "semi", {"points_per_side": 8})
+    labelled = encode_and_prefill(Predictor(model), generator, made.image)
     assert [r["segmentation"] for r in labelled] == [r["segmentation"] for r in unlabelled]
     named = [r for r in labelled if r.get("category") is not None]
     assert named and all(r["score"] >= model.concept_head.threshold for r in named)
     assert {r["category"] for r in named} <= set(made.kinds)
 
 
-def test_prefill_by_concept_is_every_instance_of_it_labelled(tmp_path):
+def test_prefill_by_concept_is_every_instance_of_it_labelled(shipped, learned, tmp_path):
     from maskmill.engine.stages import check_prefill_concepts, encode_and_prefill, stage_generator
     from maskmill.engine.web.session import AnnotationSession
 
-    model = load_default()
-    made = scene(256, 256, seed=21, kind_colours=True)
+    with pytest.raises(ValueError, match="no concept head"):
+        check_prefill_concepts(shipped, ["mug"])
+    check_prefill_concepts(shipped, [])  # no concepts: the generator's pre-fill, nothing to check
+    model, made, _, _ = learned  # the same weights with a head learned from the scene's kinds
     generator = stage_generator(model, "semi")
     predictor = Predictor(model)
-    with pytest.raises(ValueError, match="no concept head"):
-        check_prefill_concepts(model, ["mug"])
-    check_prefill_concepts(model, [])  # no concepts: the generator's pre-fill, nothing to check
-    _learn_kinds(model, made)
     kind = made.kinds[0]
     prefill = encode_and_prefill(predictor, generator, made.image, concepts=[kind])
     expected = find_instances(model, predictor.image_embedding, [kind])
