@@ -19,7 +19,7 @@ import duckdb
 import pyarrow as pa
 
 from maskmill.storage.schema import BOX, MODELS, PARTITIONED, POINT, SCHEMAS
-from maskmill.storage.store import Store, check_key
+from maskmill.storage.store import Store
 
 TABLES = tuple(SCHEMAS)
 # Parquet has no fixed-size lists: these come back as plain lists, so the views cast them to
@@ -156,10 +156,7 @@ class Catalog:
         (a column missing from the first file or from a later one), and they are read again by
         name, absent columns null.
         """
-        name = self.store.shard_glob(table).rsplit("/", 1)[1]  # the store's shard names
-        if key_prefix:
-            name = name.replace("*", f"{check_key(key_prefix, 'key prefix')}*", 1)
-        glob = _literal(self.store.url_of(f"{self.store.table_dir(table, round_, stage)}/{name}"))
+        glob = _literal(self.store.url_of(self.store.folder_glob(table, round_, stage, key_prefix)))
         # hive_partitioning off: round and stage are the files' own columns, with their types.
         scan = f"read_parquet({glob}, hive_partitioning = false)"
         present: set[str] | None = None  # every schema column

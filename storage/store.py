@@ -38,6 +38,7 @@ Endpoint and credentials come from the environment (``AWS_ENDPOINT_URL``,
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import errno
 import io
 import json
@@ -46,7 +47,7 @@ import re
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, BinaryIO, NoReturn
 
 import fsspec
@@ -151,15 +152,40 @@ class Store:
         self.fs.invalidate_cache()
         return sorted(self.fs.glob(self.shard_glob(table)))
 
+    def folder_glob(
+        self,
+        table: str,
+        round_: int | None = None,
+        stage: str | None = None,
+        key_prefix: str = "",
+    ) -> str:
+        """Glob (filesystem path) of the committed shards in one table folder (one partition
+        of a partitioned table) whose keys start with ``key_prefix``; never a temp file."""
+        prefix = check_key(key_prefix, "key prefix") if key_prefix else ""
+        return f"{self.table_dir(table, round_, stage)}/part-{prefix}*.parquet"
+
     def shard_keys(
         self, table: str, round_: int | None = None, stage: str | None = None
     ) -> list[str]:
         """Keys of the committed shards in one table folder (one partition of a partitioned
         table), sorted: the units of work that are done there."""
         self.fs.invalidate_cache()
-        folder = self.table_dir(table, round_, stage)
-        names = (path.rsplit("/", 1)[1] for path in self.fs.glob(f"{folder}/part-*.parquet"))
-        return sorted(name[len("part-") : -len(".parquet")] for name in names)
+        paths = self.fs.glob(self.folder_glob(table, round_, stage))
+        return sorted(_shard_key(path) for path in paths)
+
+    def shard_times(
+        self,
+        table: str,
+        round_: int | None = None,
+        stage: str | None = None,
+        key_prefix: str = "",
+    ) -> dict[str, float | None]:
+        """Key -> modification time (POSIX seconds; None where the filesystem gives none) of
+        the committed shards in one table folder whose keys start with ``key_prefix``, from
+        one listing asked of the store (a cached one would miss other processes' commits)."""
+        self.fs.invalidate_cache()
+        found = self.fs.glob(self.folder_glob(table, round_, stage, key_prefix), detail=True)
+        return {_shard_key(path): modified_time(info) for path, info in found.items()}
 
     def has_shard(
         self, table: str, key: str, round_: int | None = None, stage: str | None = None
@@ -377,6 +403,26 @@ def _service_error_code(error: BaseException) -> str | None:
     code = response.get("Error", {}).get("Code")
     status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
     return str(code or status) if (code or status) else None
+
+
+def _shard_key(path: str) -> str:
+    """The unit-of-work key of a shard path (``.../part-<key>.parquet``)."""
+    return path.rsplit("/", 1)[1][len("part-") : -len(".parquet")]
+
+
+def modified_time(info: Mapping[str, Any]) -> float | None:
+    """The modification time (POSIX seconds) of an fsspec listing entry, under the names
+    filesystems give it (local: ``mtime``; S3: ``LastModified``; GCS: ``updated``; memory:
+    ``created``, a new object at every write); None when it has none."""
+    for field in ("mtime", "LastModified", "last_modified", "updated", "created"):
+        value = info.get(field)
+        if isinstance(value, str):
+            value = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
+        if isinstance(value, dt.datetime):
+            return value.timestamp()
+        if isinstance(value, (int, float)):
+            return float(value)
+    return None
 
 
 def check_key(key: str, what: str) -> str:

@@ -4,7 +4,6 @@ lease, or (``shared``) under per-image claims."""
 from __future__ import annotations
 
 import datetime as dt
-import fnmatch
 import json
 import os
 import socket
@@ -23,7 +22,7 @@ from maskmill.storage.images import ImageInfo, images_table
 from maskmill.storage.lease import DEFAULT_TTL_S, StageLease
 from maskmill.storage.queries import stage_figures, stage_key
 from maskmill.storage.schema import FAILURES, MASKS, ROUNDS
-from maskmill.storage.store import Store, check_key
+from maskmill.storage.store import Store, check_key, modified_time
 
 # Optional per-mask fields copied from a record as they are (absent -> null).
 _OPTIONAL = (
@@ -348,14 +347,13 @@ class StageWriter:
         """
         ids = set(image_ids)
         store = self.store
-        masks = _shard_times(store, "masks", self.round, self.stage)
-        names = (_name(store.shard_path("masks", i, self.round, self.stage)) for i in ids)
-        if any(name not in masks for name in names):
+        masks = store.shard_times("masks", self.round, self.stage)
+        if not ids <= masks.keys():
             return None
-        failures = _shard_times(store, "failures", key_prefix=f"{self.key}-")
+        failures = store.shard_times("failures", key_prefix=f"{self.key}-")
         path = store.shard_path("rounds", self.key)
         try:
-            written = _modified(store.fs.info(path))  # listed afresh by _shard_times
+            written = modified_time(store.fs.info(path))  # listed afresh by shard_times
         except FileNotFoundError:
             return None
         newest = [*masks.values(), *failures.values()]
@@ -366,47 +364,3 @@ class StageWriter:
         if len(rows) != 1 or rows[0]["images"] < len(ids):
             return None
         return rows[0]
-
-
-def _name(path: str) -> str:
-    """The last part of a path: a file's name in its folder."""
-    return path.rstrip("/").rsplit("/", 1)[1]
-
-
-def _shard_times(
-    store: Store,
-    table: str,
-    round_: int | None = None,
-    stage: str | None = None,
-    key_prefix: str = "",
-) -> dict[str, float | None]:
-    """File name -> modification time (POSIX seconds; None where the filesystem gives none) of
-    the committed shards of one table folder (:meth:`Store.table_dir`) whose keys start with
-    ``key_prefix``, from one listing (asked of the store: a cached listing would miss other
-    processes' commits)."""
-    pattern = _name(store.shard_glob(table)).replace("*", f"{key_prefix}*", 1)
-    store.fs.invalidate_cache()
-    try:
-        entries = store.fs.ls(store.table_dir(table, round_, stage), detail=True)
-    except FileNotFoundError:
-        return {}
-    return {
-        _name(entry["name"]): _modified(entry)
-        for entry in entries
-        if entry.get("type") != "directory" and fnmatch.fnmatchcase(_name(entry["name"]), pattern)
-    }
-
-
-def _modified(info: Mapping[str, Any]) -> float | None:
-    """The modification time (POSIX seconds) of an fsspec listing entry, under the names
-    filesystems give it (local: ``mtime``; S3: ``LastModified``; GCS: ``updated``; memory:
-    ``created``, a new object at every write); None when it has none."""
-    for field in ("mtime", "LastModified", "last_modified", "updated", "created"):
-        value = info.get(field)
-        if isinstance(value, str):
-            value = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
-        if isinstance(value, dt.datetime):
-            return value.timestamp()
-        if isinstance(value, (int, float)):
-            return float(value)
-    return None
