@@ -496,9 +496,7 @@ def prompt_boxes(
                 ]
                 writer.write_masks(info.image_id, records, model_version=version)
         figures = stage_figures(store, round_, STAGE)  # once, for metrics and row
-        metrics = stage_metrics(
-            store, round_, STAGE, model_meta, time.perf_counter() - started, figures=figures
-        )
+        metrics = stage_metrics(figures, STAGE, model_meta, time.perf_counter() - started)
         row = writer.finish(version, {**metrics, **extra, "images_pending": 0}, figures)
     return {**row, "errors": errors}
 

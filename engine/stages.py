@@ -207,13 +207,7 @@ def _annotation_stage(
                 continue
             figures = stage_figures(store, round_, stage)  # once, for metrics and row
             metrics = stage_metrics(
-                store,
-                round_,
-                stage,
-                model_meta,
-                time.perf_counter() - started,
-                run_counts,
-                figures=figures,
+                figures, stage, model_meta, time.perf_counter() - started, run_counts
             )
             # Whoever finishes the round last writes its row (None: one came back meanwhile).
             row = writer.finish_if_complete(
@@ -385,9 +379,7 @@ def fully_automatic(
                     writer.write_masks(info.image_id, records, model_version=version)
                 pool_figures = _pool_figures(pool)
         figures = stage_figures(store, round_, "auto")  # once, for metrics and row
-        metrics = stage_metrics(
-            store, round_, "auto", model_meta, time.perf_counter() - started, figures=figures
-        )
+        metrics = stage_metrics(figures, "auto", model_meta, time.perf_counter() - started)
         return writer.finish(
             model_version=version,
             metrics={
@@ -436,15 +428,15 @@ def read_stored_image(writer: StageWriter, info: ImageInfo) -> np.ndarray | None
 
 
 def stage_metrics(
-    store: Store,
-    round_: int,
+    figures: dict[str, Any],
     stage: str,
     model_meta: dict[str, Any],
     compute_seconds: float | None = None,
     run_counts: dict[str, int] | None = None,
-    figures: dict[str, Any] | None = None,
 ) -> dict[str, float | int | None]:
-    """A round's figures, counted from what is stored (so a resumed round counts everything).
+    """A round's figures, from its stage's :func:`storage.queries.stage_figures` (counted
+    from what is stored, so a resumed round counts everything; the caller passes the same
+    figures to ``StageWriter.finish``, so the stage's shards are read once).
 
     ``images``: images done (:func:`storage.queries.images_done`: committed, with masks or
     none; the rounds row's ``images`` too); ``masks_per_image``; ``annotated``: masks an
@@ -461,13 +453,7 @@ def stage_metrics(
     them (a person's web session). The semi stage adds the pre-fill verdicts: ``prefill_kept``
     (its masks of source ``model``), ``prefill_corrected`` (annotated with no click),
     ``prefill_deleted`` and ``prefill`` (the three together).
-
-    ``figures``: :func:`storage.queries.stage_figures` of the stage, when the caller counted
-    them already (to pass the same to ``StageWriter.finish``: the shards are read once); None:
-    counted here.
     """
-    if figures is None:
-        figures = stage_figures(store, round_, stage)
     images, masks, annotated = figures["images"], figures["masks"], figures["annotated"]
     seconds = figures["seconds"]
     model_metrics = model_meta.get("metrics") or {}

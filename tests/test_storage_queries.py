@@ -107,7 +107,7 @@ def test_images_done_counts_an_image_finished_with_no_masks(store):
     by_stage = {(r["round"], r["stage"]): r for r in learning_curves(store)}
     assert sorted(by_stage) == [(1, "manual"), (2, "semi"), (3, "auto")]  # no ground truth
     assert (by_stage[1, "manual"]["images"], by_stage[1, "manual"]["masks"]) == (2, 2)
-    assert stage_metrics(store, 1, "manual", {})["images"] == 2
+    assert stage_metrics(figures, "manual", {})["images"] == 2
     assert [r["images"] for r in rounds_table(store)] == [2, 1, 2]
 
 

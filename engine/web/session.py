@@ -897,9 +897,7 @@ class AnnotationSession:
             self.finished = ws.writer.finish_if_complete(
                 ids,
                 model_version=self.model_version,
-                metrics=stage_metrics(
-                    self.store, self.round, self.stage, self.model_meta, figures=figures
-                ),
+                metrics=stage_metrics(figures, self.stage, self.model_meta),
                 figures=figures,
             )
 
