@@ -5,7 +5,6 @@ persistence, prompting with a phrase, and the commands, on a random-weight CLIP 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -62,17 +61,7 @@ FAST = TextPromptTrainingConfig(
 )
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread() -> Iterator[None]:
-    """Torch on one thread in this module (restored after it). Its work is many small ops (a
-    head's training steps, decoder passes of a few prompts, a tiny CLIP): on a 2-core machine
-    that also runs other processes (the session's Ray cluster, a parallel job), two OpenMP
-    threads wait for each other at every op; measured on such a machine, the text head of
-    ``trained`` took 25 s to train on two threads and 4 s on one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 def make_clip_folder(folder: Path, seed: int) -> Path:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import numpy as np
 import pytest
 import torch
@@ -41,17 +39,7 @@ def _rle(mask: np.ndarray) -> dict:
     return rle
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread() -> Iterator[None]:
-    """Torch on one thread in this module (restored after it). Its work is many small ops (a
-    head's training steps, decoder batches of 64 points): on a 2-core machine that also runs
-    other processes (the session's Ray cluster, a parallel job), two OpenMP threads wait for
-    each other at every op; measured on such a machine, 200 steps of a concept head took 60 s
-    on two threads and 2 s on one, a scene's concept candidates 18 s and 11 s."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 def _learn_kinds(model, made) -> tuple[list[dict], ConceptExamples]:
