@@ -21,6 +21,7 @@ import pytest
 
 from maskmill.engine.training.synthetic import write_coco
 from maskmill.model import build_model, save_checkpoint
+from tests.conftest import run_arguments
 from tests.test_serve import make_store
 
 pytestmark = pytest.mark.skipif(
@@ -28,23 +29,21 @@ pytestmark = pytest.mark.skipif(
 )
 
 MASKMILL = [sys.executable, "-m", "maskmill.flows.cli"]
-# A small `maskmill run` with the shipped model: 3 generated scenes, one assisted-manual round,
-# no retrain, no automatic pass (so no Ray: the processes are maskmill's and Prefect's).
-SMALL_RUN = [
-    "run",
-    "--scenes",
-    "3",
-    "--manual-rounds",
-    "1",
-    "--semi-rounds",
-    "0",
-    "--no-auto",
-    "--retrain-steps",
-    "0",
-    "--points-per-side",
-    "2",
-    "--quiet",
-]
+# A small `maskmill run` with the shipped model: 3 generated scenes, none held out (no held-out
+# evaluation before the round starts), one assisted-manual round, no retrain, no automatic pass
+# (so no Ray: the processes are maskmill's and Prefect's).
+SMALL_RUN = run_arguments(
+    {
+        "scenes": 3,
+        "holdout": 0.0,
+        "manual_rounds": 1,
+        "semi_rounds": 0,
+        "auto": False,
+        "retrain_steps": 0,
+        "points_per_side": 2,
+        "progress": False,
+    }
+)
 PREFECT_SERVER = "prefect.server.api.server"
 
 

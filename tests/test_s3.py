@@ -14,6 +14,7 @@ masks of the run that was not killed: none lost, none twice.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
@@ -40,7 +41,6 @@ from moto.moto_server.werkzeug_app import (  # noqa: E402
     MotoRequestHandler,
     create_backend_app,
 )
-from prefect.testing.utilities import prefect_test_harness  # noqa: E402
 from werkzeug.serving import make_server  # noqa: E402
 
 from maskmill.engine.evaluate import interior_point  # noqa: E402
@@ -55,37 +55,27 @@ from maskmill.storage import (  # noqa: E402
     rle,
 )
 from maskmill.storage.queries import ground_truth  # noqa: E402
+from tests.conftest import run_arguments  # noqa: E402
+from tests.test_engine_flow import FAST  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 MASKMILL = [sys.executable, "-m", "maskmill.flows.cli"]
 BUCKET = "maskmill-test"
-# A small, fast run (as tests/test_engine_flow.py's): 4 scenes of 96 px, none held out (no
-# held-out evaluation: it would double the run's time), all in one assisted-manual round, any
-# overlap accepted, every generated mask kept, no retraining.
-RUN_OPTIONS = [
-    "--holdout",
-    "0",
-    "--manual-rounds",
-    "1",
-    "--semi-rounds",
-    "0",
-    "--seed",
-    "0",
-    "--workers",
-    "1",
-    "--retrain-steps",
-    "0",
-    "--points-per-side",
-    "2",
-    "--accept-iou",
-    "0.01",
-    "--pred-iou-thresh",
-    "0",
-    "--stability-score-thresh",
-    "0",
-    "--quiet",
-]
-SCENES = 4
+# A small, fast run (tests/test_engine_flow.py's FAST settings): 3 scenes of 96 px, none held
+# out (no held-out evaluation: it would double the run's time), all in one assisted-manual
+# round, any overlap accepted, every generated mask kept, no retraining; given as `maskmill run`
+# options by tests.conftest.run_arguments.
+RUN = {
+    **FAST,
+    "holdout": 0.0,
+    "manual_rounds": 1,
+    "semi_rounds": 0,
+    "seed": 0,
+    "workers": 1,
+    "retrain_steps": 0,
+    "max_clicks": 20,  # the default: `maskmill run` has no option for it
+}
+SCENES = 3  # the kill test's run dies with one image committed, one claimed, one to go
 
 
 # ----------------------------------------------------------------------------- the S3 server
@@ -271,14 +261,6 @@ def test_a_server_that_ignores_if_none_match_is_refused(s3_env, monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def prefect_server():
-    with prefect_test_harness(server_startup_timeout=180):
-        from prefect.settings import PREFECT_API_URL
-
-        yield PREFECT_API_URL.value()
-
-
-@pytest.fixture(scope="module")
 def inputs(s3_env, tmp_path_factory) -> dict[str, str]:
     """Generated scenes (images and COCO file) and a tiny random-weight model, in the bucket."""
     import fsspec
@@ -300,19 +282,7 @@ def inputs(s3_env, tmp_path_factory) -> dict[str, str]:
 
 
 def _run_command(store: str, inputs: dict[str, str], auto: bool) -> list[str]:
-    return [
-        "run",
-        "--store",
-        store,
-        "--images",
-        inputs["images"],
-        "--annotations",
-        inputs["annotations"],
-        "--checkpoint",
-        inputs["checkpoint"],
-        *RUN_OPTIONS,
-        *([] if auto else ["--no-auto"]),
-    ]
+    return run_arguments({"store": store, **inputs, **RUN, "auto": auto})
 
 
 def _masks(store: str, where: str = "stage <> 'gt'") -> list[tuple]:
@@ -326,26 +296,25 @@ def _masks(store: str, where: str = "stage <> 'gt'") -> list[tuple]:
 
 @pytest.fixture(scope="module")
 def engine_store(inputs, prefect_server) -> str:
-    """An ``s3://`` store made by the CLI: ``import-coco``, then ``run`` (one assisted-manual
-    round, then the automatic pass on a local Ray cluster the run starts)."""
+    """An ``s3://`` store made by the CLI: ``import-coco`` (its entry point, in this process),
+    then ``run`` in a process of its own (one assisted-manual round, then the automatic pass on
+    a local Ray cluster the run starts)."""
     store = s3_url("engine")
-    imported = maskmill(
-        "import-coco",
-        "--annotations",
-        inputs["annotations"],
-        "--images",
-        inputs["images"],
-        "--store",
-        store,
-    )
-    assert imported.returncode == 0, imported.stderr[-3000:]
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        code = main(
+            ["import-coco", "--annotations", inputs["annotations"], "--images", inputs["images"]]
+            + ["--store", store]
+        )
+    assert code == 0
     objects = len(json.loads(_cat(inputs["annotations"]))["annotations"])
-    assert imported.stdout.startswith(
+    assert printed.getvalue().startswith(
         f"imported {SCENES} images and {objects} masks as ground truth (round 0, stage gt) "
         f"into {store}"
     )
     ran = maskmill(*_run_command(store, inputs, auto=True), env={"PREFECT_API_URL": prefect_server})
     assert ran.returncode == 0, ran.stderr[-3000:]
+    Store(store).fs.invalidate_cache()  # listed by the import in this process, before the run
     return store
 
 
@@ -512,8 +481,9 @@ def test_annotation_page_on_s3(engine_store, tmp_path):
 @pytest.mark.timeout(600)
 def test_kill_9_mid_stage_and_resume_on_s3(engine_store, inputs, prefect_server):
     """SIGKILL a ``run`` on an s3 store while it holds the claim of an image of the manual round
-    after committing another, rerun the command: the masks are the uninterrupted run's (ids and
-    pixels), none missing, none twice; the dead run's claim was taken over."""
+    after committing another, rerun the command (in this process): the masks are the
+    uninterrupted run's (ids and pixels), none missing, none twice; the dead run's claim was
+    taken over."""
     expected = _masks(engine_store, "round = 1 AND stage = 'manual'")
     store = Store(s3_url("killed"))
     claims = ImageClaims(store, 1, "manual", owner="checker")
@@ -547,10 +517,9 @@ def test_kill_9_mid_stage_and_resume_on_s3(engine_store, inputs, prefect_server)
     assert 1 <= len(done) < SCENES and held  # killed mid-stage, holding an image's claim
     assert all(claims.holder(image_id) is None for image_id in held)  # its holder is dead
 
-    resumed = subprocess.run(
-        command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300
-    )
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    # the same command again, to the end (in this process, whose environment has the S3
+    # variables and whose Prefect is the test server: an attempt less to start)
+    assert main(command[len(MASKMILL) :]) == 0
     masks = _masks(store.url, "round = 1 AND stage = 'manual'")
     assert masks == expected
     assert len({m[0] for m in masks}) == len(masks)  # no mask twice
