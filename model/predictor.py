@@ -35,10 +35,21 @@ class Predictor:
     """Computes the image embedding once, then masks for any prompts on that image.
 
     Coordinates are XY pixels of the original image; boxes are XYXY; sizes are (H, W).
+
+    ``encoder_autocast`` (``torch.bfloat16`` or ``torch.float16``) runs the image encoder, most
+    of the cost, under ``torch.autocast`` on the model's device (bf16 on a GPU, or on a CPU with
+    bf16 units); the embedding is handed on in the model's own dtype, so prompts, the decoder and
+    everything downstream are unchanged. ``None`` (the default) encodes in the model's dtype.
     """
 
-    def __init__(self, model: Sam) -> None:
+    def __init__(self, model: Sam, encoder_autocast: torch.dtype | None = None) -> None:
+        if encoder_autocast not in (None, torch.bfloat16, torch.float16):
+            raise ValueError(
+                f"encoder_autocast must be None, torch.bfloat16 or torch.float16, "
+                f"got {encoder_autocast!r}"
+            )
         self.model = model
+        self.encoder_autocast = encoder_autocast
         self._embedding: ImageEmbedding | None = None
 
     # ----------------------------------------------------------------------------------- images
@@ -113,7 +124,7 @@ class Predictor:
         embeddings = []
         for start in range(0, len(prepared), batch_size):
             batch = torch.stack(prepared[start : start + batch_size])
-            features = self.model.image_encoder(batch)
+            features = self._encode(batch)
             for offset in range(features.shape[0]):
                 i = start + offset
                 embeddings.append(
@@ -279,6 +290,15 @@ class Predictor:
     @property
     def _dtype(self) -> torch.dtype:
         return self.model.pixel_mean.dtype
+
+    def _encode(self, batch: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S) preprocessed pixels -> (B, C, h, w) features in the model's dtype."""
+        if self.encoder_autocast is None:
+            return self.model.image_encoder(batch)
+        device_type = self.model.device.type
+        with torch.autocast(device_type=device_type, dtype=self.encoder_autocast):
+            features = self.model.image_encoder(batch)
+        return features.to(self._dtype)
 
     @property
     def _mask_input_side(self) -> int:
