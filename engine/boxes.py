@@ -39,7 +39,7 @@ from torchvision.ops import box_area, box_convert, clip_boxes_to_image
 from maskmill.engine.embeddings import open_embedding_cache, set_image
 from maskmill.engine.plan import current_model
 from maskmill.engine.stages import _bar, stage_metrics
-from maskmill.model import Predictor, load_model
+from maskmill.model import EncoderPrecision, Predictor, encoder_autocast_dtype, load_model
 from maskmill.storage import StageWriter, Store, rle
 from maskmill.storage.coco import load_coco_json, read_json
 from maskmill.storage.embeddings import EmbeddingCache
@@ -406,6 +406,7 @@ def prompt_boxes(
     annotations: str | None = None,
     use_ray: bool | None = None,
     embedding_cache: bool = True,
+    encoder_precision: EncoderPrecision = "fp32",
 ) -> dict[str, Any]:
     """Prompt the model with every detection's box; store one mask per detection as stage
     ``boxes``; return the round's rows-table row (as the other stages), plus ``errors``: this
@@ -425,6 +426,8 @@ def prompt_boxes(
         use_ray: run on Ray actors (Ray initialised if it is not: a local cluster); default
             when ``workers`` > 1. Otherwise the images go through one model in this process.
         embedding_cache: encode through the store's embedding cache (``engine.embeddings``).
+        encoder_precision: what the image encoder computes in (``Predictor``): ``"fp32"``, or
+            ``"bf16"`` / ``"fp16"`` autocast.
 
     The rounds row's metrics: :func:`engine.stages.stage_metrics`, ``detections`` (rows in
     the file), ``detections_failed`` (rows refused), ``boxes_clipped``, ``detections_digest``,
@@ -433,6 +436,7 @@ def prompt_boxes(
     store = (store if isinstance(store, Store) else Store(store)).require()
     if workers < 1:
         raise ValueError(f"workers must be at least 1, got {workers}")
+    encoder_autocast_dtype(encoder_precision)  # a bad name: refused before anything is written
     if round_ is not None and round_ < 1:
         raise ValueError(f"round must be at least 1 (round 0 is ground truth), got {round_}")
     rows = load_detections(detections)
@@ -466,7 +470,9 @@ def prompt_boxes(
             if not writer.done(image_id)
         ]
         cache_store = store if embedding_cache else None
-        with _box_results(model_meta["uri"], jobs, workers, use_ray, cache_store) as results:
+        with _box_results(
+            model_meta["uri"], jobs, workers, use_ray, cache_store, encoder_precision
+        ) as results:
             if bad:  # replaced by a rerun of the same detections (same key)
                 writer.write_failures(f"detections-{digest[:16]}", bad)
             if jobs:  # the digest is in the rounds table before any image: a kill resumes
@@ -508,11 +514,12 @@ def _box_results(
     workers: int,
     use_ray: bool,
     cache_store: Store | None,
+    encoder_precision: EncoderPrecision,
 ) -> Iterator[Iterator[Any]]:
     """The ``ImageResult`` of each job (image, (N, 4) XYXY boxes), in completion order: from
     ``workers`` Ray actors, or one model here; embeddings through ``cache_store``'s cache
-    (None: no cache). The model is loaded (and a bad checkpoint refused) before the caller
-    writes anything."""
+    (None: no cache), encoded at ``encoder_precision``. The model is loaded (and a bad
+    checkpoint refused) before the caller writes anything."""
     from maskmill.engine.ray_pool import BoxPool, image_result, init_ray
 
     if not jobs:
@@ -520,12 +527,15 @@ def _box_results(
         return
     if use_ray:
         init_ray()
-        with BoxPool(checkpoint, workers, cache_store=cache_store) as pool:
+        with BoxPool(
+            checkpoint, workers, cache_store=cache_store, encoder_precision=encoder_precision
+        ) as pool:
             yield pool.map(jobs)
         return
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = load_model(checkpoint, device=device)[0]
-    predictor, cache = Predictor(model), open_embedding_cache(cache_store, model)
+    predictor = Predictor(model, encoder_precision)
+    cache = open_embedding_cache(cache_store, model)
     yield (
         image_result(
             info,

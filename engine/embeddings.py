@@ -57,7 +57,8 @@ def image_embeddings(
     """The embeddings of views of an image, in the order of ``crop_boxes``.
 
     Args:
-        predictor: encodes the misses (``Predictor.embed_images``) with its model.
+        predictor: encodes the misses (``Predictor.embed_images``) with its model, at its
+            ``encoder_precision`` (which the cache keys the views by).
         image_id: the images table's id of ``image`` (the cache key); None: no cache.
         image: (H, W, 3) uint8 RGB (grey and RGBA converted), the stored pixel grid.
         crop_boxes: XYXY integer pixel boxes (exclusive right/bottom) of the views;
@@ -75,7 +76,8 @@ def image_embeddings(
     height, width = image.shape[:2]
     model = predictor.model
     side = model.image_size
-    views = [_view(box, height, width, side) for box in crop_boxes]
+    # The encoder's precision is part of the key: a bf16 embedding is not an fp32 one.
+    views = [_view(box, height, width, side, predictor.encoder_precision) for box in crop_boxes]
     found: list[ImageEmbedding | None] = [None] * len(views)
     if cache is not None and image_id is not None:
         for index, (box, view) in enumerate(zip(crop_boxes, views, strict=True)):
@@ -143,13 +145,14 @@ def crop_embeddings(
 # ------------------------------------------------------------------------------------ internals
 
 
-def _view(box: Sequence[int], height: int, width: int, side: int) -> str:
-    """The cache's view key of ``box`` (XYXY) on an (height, width) image."""
+def _view(box: Sequence[int], height: int, width: int, side: int, precision: str) -> str:
+    """The cache's view key of ``box`` (XYXY) on an (height, width) image encoded at
+    ``precision``."""
     x0, y0, x1, y1 = (int(v) for v in box)
     if not (0 <= x0 < x1 <= width and 0 <= y0 < y1 <= height):
         raise ValueError(f"crop box {list(box)} (XYXY) is not inside the {width}x{height} image")
     whole = (x0, y0, x1, y1) == (0, 0, width, height)
-    return view_key(None if whole else [x0, y0, x1, y1], side)
+    return view_key(None if whole else [x0, y0, x1, y1], side, precision)
 
 
 def _crop(image: np.ndarray, box: Sequence[int]) -> np.ndarray:

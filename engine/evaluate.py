@@ -44,7 +44,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from maskmill.engine.embeddings import generate_masks, set_image
-from maskmill.model import Predictor, Sam
+from maskmill.model import EncoderPrecision, Predictor, Sam
 from maskmill.model.mask_generator import MaskGenerator
 from maskmill.storage import rle
 from maskmill.storage.embeddings import EmbeddingCache
@@ -298,12 +298,14 @@ def evaluate_concepts(
     max_images: int | None = None,
     progress: bool = False,
     text_encoder: Any = None,
+    encoder_precision: EncoderPrecision = "fp32",
 ) -> dict[str, Any]:
     """Mask AP of concept prompting on a COCO dataset: for every image and every category the
     model's concept head knows (names compared by ``concept_key``), every instance
     ``find_instances`` reports (threshold 0, so the scores rank them all), scored by COCOeval.
     With a CLIP ``text_encoder`` (``model.text_encoder.ClipEncoder``) every category of the
     dataset is a phrase, found through the model's text head (open vocabulary).
+    ``encoder_precision``: what the image encoder computes in (``Predictor``).
 
     Returns :func:`mask_ap`'s keys with the prefix ``concept`` plus ``concept_categories``
     (the dataset's categories the head knows), ``concept_unknown`` (those it does not: they
@@ -336,7 +338,7 @@ def evaluate_concepts(
             f"{annotations}: none of its categories is a concept the model knows "
             f"({', '.join(sorted(known.values()))})"
         )
-    predictor = Predictor(model)
+    predictor = Predictor(model, encoder_precision)
     results: list[dict[str, Any]] = []
     for image_id in tqdm(image_ids, disable=not progress, unit="img"):
         info = gt.imgs[image_id]
@@ -413,6 +415,7 @@ def evaluate_coco(
     points_per_side: int = 32,
     progress: bool = False,
     embedding_cache: EmbeddingCache | None = None,
+    encoder_precision: EncoderPrecision = "fp32",
 ) -> dict[str, Any]:
     """All metrics of ``model`` on a COCO dataset (the keys of ``maskmill eval --json``).
 
@@ -425,6 +428,8 @@ def evaluate_coco(
         progress: show a tqdm bar over the images.
         embedding_cache: ``model``'s embedding cache (``engine.embeddings``); None: encode
             every image (module doc).
+        encoder_precision: what the image encoder computes in (``Predictor``): ``"fp32"``,
+            or ``"bf16"`` / ``"fp16"`` autocast (compare the two runs' metrics for parity).
 
     Returns:
         ``one_click_miou_best``, ``one_click_miou_top1``, ``noc85``, ``noc90``, ``box_miou``,
@@ -436,8 +441,13 @@ def evaluate_coco(
     from tqdm import tqdm
 
     gt, image_ids = load_coco(annotations, max_images)
-    predictor = Predictor(model)
-    generator = MaskGenerator(model, points_per_side=points_per_side, **PROPOSAL_OPTIONS)
+    predictor = Predictor(model, encoder_precision)
+    generator = MaskGenerator(
+        model,
+        points_per_side=points_per_side,
+        **PROPOSAL_OPTIONS,
+        encoder_precision=encoder_precision,
+    )
     per_mask: list[InteractiveResult] = []
     detections: list[dict[str, Any]] = []
     box_results: list[dict[str, Any]] = []  # the box prompts' masks, as COCO results

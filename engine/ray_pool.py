@@ -139,6 +139,7 @@ class GeneratorActor(_Worker):
         preset: str,
         options: dict[str, Any],
         cache_store: Store | None,
+        encoder_precision: str,
         threads: int,
     ) -> None:
         import torch
@@ -151,7 +152,7 @@ class GeneratorActor(_Worker):
         torch.set_num_threads(max(1, threads))
         device = "cuda" if torch.cuda.is_available() else "cpu"
         model = load_checkpoint(checkpoint, device=device)
-        self.generator = stage_generator(model, preset, options)
+        self.generator = stage_generator(model, preset, options, encoder_precision)
         self.cache = open_embedding_cache(cache_store, model)
         self.pid = os.getpid()
 
@@ -177,7 +178,13 @@ class GeneratorActor(_Worker):
 class BoxActor(_Worker):
     """Loads the model once and prompts it with the boxes of the images it is sent."""
 
-    def __init__(self, checkpoint: str | None, cache_store: Store | None, threads: int) -> None:
+    def __init__(
+        self,
+        checkpoint: str | None,
+        cache_store: Store | None,
+        encoder_precision: str,
+        threads: int,
+    ) -> None:
         import torch
 
         from maskmill.engine.embeddings import open_embedding_cache
@@ -186,7 +193,7 @@ class BoxActor(_Worker):
         torch.set_num_threads(max(1, threads))
         device = "cuda" if torch.cuda.is_available() else "cpu"
         model, _ = load_model(checkpoint, device=device)
-        self.predictor = Predictor(model)
+        self.predictor = Predictor(model, encoder_precision)
         self.cache = open_embedding_cache(cache_store, model)
         self.pid = os.getpid()
 
@@ -339,6 +346,7 @@ class GeneratorPool(WorkerPool):
             (``engine.stages.stage_generator``).
         cpus_per_worker: Ray CPUs (and torch threads) per actor.
         cache_store: the store whose embedding cache the actors use; None: no cache.
+        encoder_precision: what the actors' image encoders compute in (``Predictor``).
     """
 
     def __init__(
@@ -349,8 +357,12 @@ class GeneratorPool(WorkerPool):
         options: dict[str, Any] | None = None,
         cpus_per_worker: int = 1,
         cache_store: Store | None = None,
+        encoder_precision: str = "fp32",
     ) -> None:
-        args = (checkpoint, preset, dict(options or {}), cache_store)
+        from maskmill.model import encoder_autocast_dtype
+
+        encoder_autocast_dtype(encoder_precision)  # a bad name fails here, not in every actor
+        args = (checkpoint, preset, dict(options or {}), cache_store, encoder_precision)
         super().__init__(GeneratorActor, args, workers, cpus_per_worker)
         # The thresholds the actors' generators keep masks at (recorded by the stage).
         self.thresholds: dict[str, float] = self.ready_info
@@ -365,6 +377,7 @@ class BoxPool(WorkerPool):
         workers: number of actors.
         cpus_per_worker: Ray CPUs (and torch threads) per actor.
         cache_store: the store whose embedding cache the actors use; None: no cache.
+        encoder_precision: what the actors' image encoders compute in (``Predictor``).
     """
 
     def __init__(
@@ -373,5 +386,10 @@ class BoxPool(WorkerPool):
         workers: int = 1,
         cpus_per_worker: int = 1,
         cache_store: Store | None = None,
+        encoder_precision: str = "fp32",
     ) -> None:
-        super().__init__(BoxActor, (checkpoint, cache_store), workers, cpus_per_worker)
+        from maskmill.model import encoder_autocast_dtype
+
+        encoder_autocast_dtype(encoder_precision)  # a bad name fails here, not in every actor
+        args = (checkpoint, cache_store, encoder_precision)
+        super().__init__(BoxActor, args, workers, cpus_per_worker)

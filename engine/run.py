@@ -18,6 +18,7 @@ from maskmill.engine.plan import Plan, ensure_initial_model, make_plan, model_fo
 from maskmill.engine.ray_pool import init_ray
 from maskmill.engine.stages import assisted_manual, fully_automatic, semi_automatic
 from maskmill.engine.training.retrain import RetrainConfig, retrain
+from maskmill.model import EncoderPrecision
 from maskmill.model.mask_generator import generator_parameters
 from maskmill.storage import Store, import_coco, ingest_folder
 from maskmill.storage.queries import ground_truth, ground_truth_categories
@@ -124,6 +125,13 @@ class EngineSettings(BaseModel):
         description="Keep image embeddings in the store (float16, per image encoder) so an "
         "image is encoded once per encoder: later stages and rounds, and models retrained with "
         "the encoder frozen, read them back. Off: every stage encodes every image again.",
+    )
+    encoder_precision: EncoderPrecision = Field(
+        "fp32",
+        description="What the image encoder computes in during the annotation stages: fp32, "
+        "or bf16 / fp16 under torch.autocast (for GPUs; masks at IoU >= 0.98 with fp32). Its "
+        "embeddings are cached apart from fp32 ones. Model metrics (held-out and validation "
+        "mIoU) stay fp32, so they compare across runs.",
     )
     # A plain default, not default_factory, so the form shows it; pydantic copies it per instance.
     generator_options: dict[str, Any] = Field(
@@ -248,6 +256,7 @@ def annotate_round(settings: EngineSettings, round_: int) -> dict[str, Any]:
             options,
             settings.progress,
             settings.embedding_cache,
+            settings.encoder_precision,
         )
     truth, names = ground_truth(store), ground_truth_categories(store)
     annotator = SimulatedAnnotator(
@@ -258,7 +267,15 @@ def annotate_round(settings: EngineSettings, round_: int) -> dict[str, Any]:
     )
     if stage == "manual":
         return assisted_manual(
-            store, round_, plan, ids, meta, annotator, settings.progress, settings.embedding_cache
+            store,
+            round_,
+            plan,
+            ids,
+            meta,
+            annotator,
+            settings.progress,
+            settings.embedding_cache,
+            settings.encoder_precision,
         )
     return semi_automatic(
         store,
@@ -271,6 +288,7 @@ def annotate_round(settings: EngineSettings, round_: int) -> dict[str, Any]:
         settings.progress,
         settings.embedding_cache,
         settings.prefill_concepts,
+        settings.encoder_precision,
     )
 
 

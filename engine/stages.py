@@ -41,7 +41,7 @@ import torch
 from maskmill.engine.annotators import Annotation, Annotator
 from maskmill.engine.embeddings import image_embeddings, open_embedding_cache, set_image
 from maskmill.engine.plan import Plan
-from maskmill.model import MaskGenerator, Predictor, Sam, load_checkpoint
+from maskmill.model import EncoderPrecision, MaskGenerator, Predictor, Sam, load_checkpoint
 from maskmill.model.concepts import find_instances, label_records, require_concept_head
 from maskmill.storage import ClaimLostError, ImageDoneError, StageWriter, Store
 from maskmill.storage.embeddings import EmbeddingCache
@@ -65,11 +65,20 @@ STAGE_GENERATOR: dict[str, Any] = {
 
 
 def stage_generator(
-    model: Sam, preset: str, options: dict[str, Any] | None = None
+    model: Sam,
+    preset: str,
+    options: dict[str, Any] | None = None,
+    encoder_precision: EncoderPrecision = "fp32",
 ) -> MaskGenerator:
     """The mask generator of a stage: :data:`STAGE_GENERATOR`, the model's ``preset``
-    thresholds (``auto`` or ``semi``), then ``options`` (e.g. a user's thresholds) over both."""
-    return MaskGenerator.from_preset(model, preset, **{**STAGE_GENERATOR, **(options or {})})
+    thresholds (``auto`` or ``semi``), then ``options`` (e.g. a user's thresholds) over both;
+    its image encoder computes at ``encoder_precision``."""
+    return MaskGenerator.from_preset(
+        model,
+        preset,
+        **{**STAGE_GENERATOR, **(options or {})},
+        encoder_precision=encoder_precision,
+    )
 
 
 def assisted_manual(
@@ -81,11 +90,13 @@ def assisted_manual(
     annotator: Annotator,
     progress: bool = False,
     embedding_cache: bool = True,
+    encoder_precision: EncoderPrecision = "fp32",
 ) -> dict[str, Any]:
     """Round ``round_`` of assisted-manual annotation over ``image_ids``; returns its rounds row.
 
     ``model_meta`` is the stored model's meta (``version``, ``uri``, ``metrics``);
-    ``embedding_cache``: encode through the store's embedding cache (module doc).
+    ``embedding_cache``: encode through the store's embedding cache (module doc);
+    ``encoder_precision``: what the image encoder computes in (``Predictor``).
     """
     return _annotation_stage(
         store,
@@ -98,6 +109,7 @@ def assisted_manual(
         None,
         progress,
         embedding_cache,
+        encoder_precision=encoder_precision,
     )
 
 
@@ -112,13 +124,15 @@ def semi_automatic(
     progress: bool = False,
     embedding_cache: bool = True,
     prefill_concepts: Sequence[str] | None = None,
+    encoder_precision: EncoderPrecision = "fp32",
 ) -> dict[str, Any]:
     """Round ``round_`` of semi-automatic annotation: the generator (:func:`stage_generator`,
     the model's ``semi`` preset, ``generator_options`` over it) pre-fills; the annotator keeps,
     corrects or deletes each pre-filled mask and adds the missing objects; returns its rounds
     row (with the pre-fill verdicts, see :func:`stage_metrics`). ``embedding_cache``: encode
     through the store's embedding cache (module doc). ``prefill_concepts``: pre-fill every
-    instance of these concepts instead (:func:`encode_and_prefill`)."""
+    instance of these concepts instead (:func:`encode_and_prefill`). ``encoder_precision``: what
+    the image encoder computes in (``Predictor``)."""
     return _annotation_stage(
         store,
         round_,
@@ -131,6 +145,7 @@ def semi_automatic(
         progress,
         embedding_cache,
         prefill_concepts,
+        encoder_precision,
     )
 
 
@@ -146,6 +161,7 @@ def _annotation_stage(
     progress: bool,
     embedding_cache: bool,
     prefill_concepts: Sequence[str] | None = None,
+    encoder_precision: EncoderPrecision = "fp32",
 ) -> dict[str, Any]:
     """A stage of annotated images; ``generator_options`` None: no pre-fill (manual), a dict:
     the ``semi`` pre-fill with those options (or by ``prefill_concepts``)."""
@@ -166,11 +182,11 @@ def _annotation_stage(
         earlier = existing_masks(store, todo, round_)
         if todo:
             model = load_checkpoint(model_meta["uri"])
-            predictor = Predictor(model)
+            predictor = Predictor(model, encoder_precision)
             cache = open_embedding_cache(store if embedding_cache else None, model)
             generator = None
             if generator_options is not None:
-                generator = stage_generator(model, "semi", generator_options)
+                generator = stage_generator(model, "semi", generator_options, encoder_precision)
                 thresholds = _thresholds(generator)
                 check_prefill_concepts(model, prefill_concepts)
         failed: set[str] = set()  # images this run wrote a failure for: not tried again
@@ -327,6 +343,7 @@ def fully_automatic(
     generator_options: dict[str, Any] | None = None,
     progress: bool = False,
     embedding_cache: bool = True,
+    encoder_precision: EncoderPrecision = "fp32",
 ) -> dict[str, Any]:
     """The automatic pass: the stage generator (:func:`stage_generator`, the model's ``auto``
     preset, ``generator_options`` over it) over ``image_ids`` on ``workers`` Ray actors (Ray
@@ -335,7 +352,7 @@ def fully_automatic(
     ``pool_start_seconds`` (actors started, models loaded), ``workers``, the pool's figures
     (:func:`_pool_figures`: nodes used, actors lost, images resubmitted, actor peak memory)
     and the thresholds used. ``embedding_cache``: the actors encode through the store's
-    embedding cache (module doc), crops included.
+    embedding cache (module doc), crops included, and encode at ``encoder_precision``.
 
     A worker node lost mid-stage: its actors' images go to the surviving actors
     (``engine.ray_pool``); with none left the stage raises and a rerun (the flow's task
@@ -357,7 +374,12 @@ def fully_automatic(
         if jobs:
             cache_store = store if embedding_cache else None
             with GeneratorPool(
-                model_meta["uri"], workers, "auto", generator_options, cache_store=cache_store
+                model_meta["uri"],
+                workers,
+                "auto",
+                generator_options,
+                cache_store=cache_store,
+                encoder_precision=encoder_precision,
             ) as pool:
                 pool_start_seconds = pool.start_seconds
                 thresholds = pool.thresholds

@@ -6,6 +6,8 @@ import argparse
 import json
 import shlex
 
+from maskmill.flows.cli_engine import add_encoder_precision_argument
+
 # Failure rows printed (the rest are in the store's failures table).
 SHOWN_FAILURES = 5
 
@@ -53,6 +55,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="encode every image instead of reading its embedding from the store's embedding "
         "cache (and writing it there)",
     )
+    add_encoder_precision_argument(parser)
     parser.set_defaults(handler=run_prompt_boxes)
 
 
@@ -80,6 +83,7 @@ def run_prompt_boxes(args: argparse.Namespace) -> int:
         annotations=args.annotations,
         use_ray=use_ray,
         embedding_cache=args.embedding_cache,
+        encoder_precision=args.encoder_precision or "fp32",
     )
     metrics = json.loads(row["metrics"] or "{}")
     clipped = metrics.get("boxes_clipped", 0)

@@ -32,6 +32,7 @@ SETTINGS_OPTIONS = (
     "points_per_side",
     "accept_iou",
     "embedding_cache",
+    "encoder_precision",
     "clip_model",
     "clip_weights",
     "prefill_concepts",
@@ -116,6 +117,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="encode every image in every stage instead of keeping its embedding in the store "
         "(default: kept, float16, per image encoder; `maskmill stats` shows its size)",
     )
+    add_encoder_precision_argument(parser)
     parser.add_argument(
         "--prefill-concept",
         dest="prefill_concepts",
@@ -128,6 +130,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_clip_arguments(parser)
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.set_defaults(handler=run_engine)
+
+
+def add_encoder_precision_argument(parser: argparse.ArgumentParser) -> None:
+    """``--encoder-precision`` (fp32, bf16, fp16: checked by ``maskmill.model``'s
+    ``EncoderPrecision``, the one list, when the command runs)."""
+    parser.add_argument(
+        "--encoder-precision",
+        metavar="{fp32,bf16,fp16}",
+        help="what the image encoder, most of the cost, computes in: fp32 (default), or bf16 / "
+        "fp16 under torch.autocast for GPUs (masks at IoU >= 0.98 with fp32; their embeddings "
+        "are cached apart)",
+    )
 
 
 def run_engine(args: argparse.Namespace) -> int:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import getpass
 
+from maskmill.flows.cli_engine import add_encoder_precision_argument
+
 DEFAULT_HOST = "127.0.0.1"  # this machine only: without accounts, the only address allowed
 DEFAULT_PORT = 8765
 
@@ -70,6 +72,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "concept head, learned from the store's categories) instead of the generator's "
         "confident masks, so a team labels one category at a time",
     )
+    add_encoder_precision_argument(parser)
     parser.set_defaults(handler=run_serve)
 
 
@@ -103,6 +106,7 @@ def run_serve(args: argparse.Namespace) -> int:
         model_meta=meta,
         embedding_cache=args.embedding_cache,
         prefill_concepts=args.prefill_concept,
+        encoder_precision=args.encoder_precision or "fp32",
     )
     with stop_on_sigterm("serve"), session:
         if not session.images:

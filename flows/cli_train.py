@@ -7,6 +7,7 @@ import argparse
 import json
 import shlex
 
+from maskmill.flows.cli_engine import add_encoder_precision_argument
 from maskmill.flows.cli_text import add_clip_arguments, load_clip
 
 
@@ -200,6 +201,7 @@ def _register_eval(subparsers: argparse._SubParsersAction) -> None:
         action="store_false",
         help="with --store: encode every image instead of using the store's embedding cache",
     )
+    add_encoder_precision_argument(parser)
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(handler=run_eval)
@@ -207,7 +209,7 @@ def _register_eval(subparsers: argparse._SubParsersAction) -> None:
 
 def run_eval(args: argparse.Namespace) -> int:
     from maskmill.engine.evaluate import evaluate_coco, evaluate_concepts, format_table
-    from maskmill.model import load_model
+    from maskmill.model import encoder_autocast_dtype, load_model
 
     if args.store and args.checkpoint:
         raise ValueError("give --store or --checkpoint, not both")
@@ -230,6 +232,8 @@ def run_eval(args: argparse.Namespace) -> int:
             require_text_head(model, clip)
         else:
             require_concept_head(model)
+    precision = args.encoder_precision or "fp32"
+    encoder_autocast_dtype(precision)  # a bad name: refused before the long part
     cache = None
     if args.store and args.embedding_cache:
         from maskmill.engine.embeddings import open_embedding_cache
@@ -244,6 +248,7 @@ def run_eval(args: argparse.Namespace) -> int:
         points_per_side=args.points_per_side,
         progress=not args.no_progress and not args.json,
         embedding_cache=cache,
+        encoder_precision=precision,
     )
     if args.concepts:
         metrics.update(
@@ -254,6 +259,7 @@ def run_eval(args: argparse.Namespace) -> int:
                 max_images=args.max_images,
                 progress=not args.no_progress and not args.json,
                 text_encoder=clip,
+                encoder_precision=precision,
             )
         )
     if args.json:

@@ -14,13 +14,21 @@ from .checkpoint import (
 )
 from .config import CONFIGS, SamConfig, get_config
 from .mask_generator import MaskGenerator
-from .predictor import ImageEmbedding, Predictor
+from .predictor import (
+    ENCODER_PRECISIONS,
+    EncoderPrecision,
+    ImageEmbedding,
+    Predictor,
+    encoder_autocast_dtype,
+)
 from .presets import PRESET_NAMES, SAM_PRESETS, check_presets, generator_presets
 from .sam import Sam
 
 __all__ = [
     "CONFIGS",
     "CheckpointError",
+    "ENCODER_PRECISIONS",
+    "EncoderPrecision",
     "ImageEmbedding",
     "MaskGenerator",
     "PRESET_NAMES",
@@ -30,6 +38,7 @@ __all__ = [
     "SamConfig",
     "build_model",
     "check_presets",
+    "encoder_autocast_dtype",
     "generator_presets",
     "get_config",
     "has_default",

@@ -30,7 +30,7 @@ import torch
 from pycocotools import mask as mask_utils
 from torchvision.ops import box_area, nms
 
-from .predictor import ImageEmbedding, Predictor
+from .predictor import EncoderPrecision, ImageEmbedding, Predictor
 from .presets import PRESET_NAMES, generator_presets
 from .sam import Sam
 from .transforms import scale_coords, to_rgb_uint8
@@ -175,7 +175,9 @@ def _select(columns: dict[str, Any], keep: torch.Tensor) -> dict[str, Any]:
 
 def generator_parameters() -> frozenset[str]:
     """The keyword parameters of :class:`MaskGenerator` (what presets and options may set)."""
-    return frozenset(inspect.signature(MaskGenerator).parameters) - {"model"}
+    # The encoder's precision is how the run computes, not a generator threshold: runs set it
+    # by their own option (``encoder_precision``), never through generator options.
+    return frozenset(inspect.signature(MaskGenerator).parameters) - {"model", "encoder_precision"}
 
 
 class MaskGenerator:
@@ -189,6 +191,8 @@ class MaskGenerator:
             used 0.95); None keeps them, as segment-anything does.
         upsample_chunk: masks upsampled to full resolution at a time (bounds peak memory).
         encoder_batch_size: images / crops per image-encoder call.
+        encoder_precision: what the image encoder computes in (``Predictor``): ``"fp32"``, or
+            ``"bf16"`` / ``"fp16"`` autocast.
     """
 
     def __init__(
@@ -209,6 +213,7 @@ class MaskGenerator:
         max_mask_area_fraction: float | None = None,
         upsample_chunk: int = 16,
         encoder_batch_size: int = 4,
+        encoder_precision: EncoderPrecision = "fp32",
     ) -> None:
         if (points_per_side is None) == (point_grids is None):
             raise ValueError("give exactly one of points_per_side and point_grids")
@@ -228,7 +233,7 @@ class MaskGenerator:
                 f"max_mask_area_fraction must be in (0, 1], got {max_mask_area_fraction}"
             )
         self.model = model
-        self.predictor = Predictor(model)
+        self.predictor = Predictor(model, encoder_precision)
         self.point_grids = [np.asarray(grid, dtype=np.float64) for grid in point_grids]
         self.points_per_batch = points_per_batch
         self.pred_iou_thresh = pred_iou_thresh

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Literal, get_args
 
 import numpy as np
 import torch
@@ -12,6 +13,21 @@ from .mask_decoder import DecoderImage
 from .sam import Sam
 from .text_encoder import TextEncoder
 from .transforms import resize_longest_side, scale_coords, to_rgb_uint8
+
+# What the image encoder computes in: the model's own dtype, or torch.autocast to bf16 / fp16.
+EncoderPrecision = Literal["fp32", "bf16", "fp16"]
+ENCODER_PRECISIONS: tuple[str, ...] = get_args(EncoderPrecision)
+_AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def encoder_autocast_dtype(precision: str) -> torch.dtype | None:
+    """The ``torch.autocast`` dtype of an encoder precision (``"fp32"``: None, no autocast);
+    an unknown name is a ValueError that lists the known ones."""
+    if precision not in _AUTOCAST_DTYPES:
+        raise ValueError(
+            f"encoder precision must be one of {', '.join(ENCODER_PRECISIONS)}, got {precision!r}"
+        )
+    return _AUTOCAST_DTYPES[precision]
 
 
 @dataclass
@@ -36,20 +52,17 @@ class Predictor:
 
     Coordinates are XY pixels of the original image; boxes are XYXY; sizes are (H, W).
 
-    ``encoder_autocast`` (``torch.bfloat16`` or ``torch.float16``) runs the image encoder, most
-    of the cost, under ``torch.autocast`` on the model's device (bf16 on a GPU, or on a CPU with
-    bf16 units); the embedding is handed on in the model's own dtype, so prompts, the decoder and
-    everything downstream are unchanged. ``None`` (the default) encodes in the model's dtype.
+    ``encoder_precision`` ``"bf16"`` or ``"fp16"`` runs the image encoder, most of the cost,
+    under ``torch.autocast`` in that dtype on the model's device (bf16 on a GPU, or on a CPU
+    with bf16 units); the embedding is handed on in the model's own dtype, so prompts, the
+    decoder and everything downstream are unchanged. ``"fp32"`` (the default) encodes in the
+    model's dtype.
     """
 
-    def __init__(self, model: Sam, encoder_autocast: torch.dtype | None = None) -> None:
-        if encoder_autocast not in (None, torch.bfloat16, torch.float16):
-            raise ValueError(
-                f"encoder_autocast must be None, torch.bfloat16 or torch.float16, "
-                f"got {encoder_autocast!r}"
-            )
+    def __init__(self, model: Sam, encoder_precision: EncoderPrecision = "fp32") -> None:
+        self.encoder_autocast = encoder_autocast_dtype(encoder_precision)
+        self.encoder_precision = encoder_precision
         self.model = model
-        self.encoder_autocast = encoder_autocast
         self._embedding: ImageEmbedding | None = None
 
     # ----------------------------------------------------------------------------------- images

@@ -9,9 +9,11 @@ Layout::
   embeddings; a retrain that leaves the encoder frozen keeps it (its stages hit the cache), one
   that trains the encoder gets a folder of its own.
 - ``image_id``: the images table's id (the first 16 hex digits of the file's SHA-256).
-- ``view key`` (:func:`view_key`): what part of the image was encoded and at what model input
-  side: ``full-1024`` for the whole image, ``x0-y0-x1-y1-1024`` for a crop (XYXY pixels of the
-  stored image, exclusive right/bottom).
+- ``view key`` (:func:`view_key`): what part of the image was encoded, at what model input
+  side and, when not the model's own float32, at what encoder precision: ``full-1024`` for the
+  whole image, ``x0-y0-x1-y1-1024`` for a crop (XYXY pixels of the stored image, exclusive
+  right/bottom), ``full-1024-bf16`` for the whole image encoded under bf16 autocast (so a run
+  at float32 never reads a bf16 embedding, nor the other way round).
 
 An entry is an uncompressed NumPy ``.npz`` (readable by anyone with NumPy; its zip members
 carry CRC-32s, so corruption is detected on read) holding ``features`` (1, C, h, w) float16,
@@ -67,19 +69,26 @@ class CacheSize:
     encoders: int
 
 
-def view_key(crop_box: list[int] | tuple[int, ...] | None, input_side: int) -> str:
+def view_key(
+    crop_box: list[int] | tuple[int, ...] | None, input_side: int, precision: str = "fp32"
+) -> str:
     """The file name (without suffix) of a view: ``full-<side>`` for the whole image (``crop_box``
-    None), else ``x0-y0-x1-y1-<side>`` (XYXY integer pixels, exclusive right/bottom)."""
+    None), else ``x0-y0-x1-y1-<side>`` (XYXY integer pixels, exclusive right/bottom); a
+    ``precision`` other than ``fp32`` (the encoder's autocast dtype, e.g. ``bf16``) is appended
+    as ``-<precision>``."""
     if int(input_side) < 1:
         raise ValueError(f"input side must be a positive number of pixels, got {input_side}")
+    if not re.fullmatch(r"[a-z0-9]+", precision):
+        raise ValueError(f"precision must be a lowercase name such as bf16, got {precision!r}")
+    suffix = "" if precision == "fp32" else f"-{precision}"
     if crop_box is None:
-        return f"full-{int(input_side)}"
+        return f"full-{int(input_side)}{suffix}"
     if len(crop_box) != 4 or any(int(v) != v or v < 0 for v in crop_box):
         raise ValueError(f"crop box must be 4 non-negative integer pixels XYXY, got {crop_box}")
     x0, y0, x1, y1 = (int(v) for v in crop_box)
     if x1 <= x0 or y1 <= y0:
         raise ValueError(f"crop box must be XYXY with x0 < x1 and y0 < y1, got {crop_box}")
-    return f"{x0}-{y0}-{x1}-{y1}-{int(input_side)}"
+    return f"{x0}-{y0}-{x1}-{y1}-{int(input_side)}{suffix}"
 
 
 class EmbeddingCache:

@@ -240,6 +240,56 @@ def test_automatic_stage_on_a_ray_actor_reads_the_cache(tmp_path, scenes, model,
         assert sorted(m["segmentation"] for m in stored.get(image_id, [])) == sorted(expected)
 
 
+def test_bf16_stages_and_actors_keep_their_own_cache_views(tmp_path, scenes, model, ray_cluster):
+    """``encoder_precision="bf16"`` reaches the semi stage's predictor and generator, the Ray
+    GeneratorActor and the annotation page: every entry they write is a ``-bf16`` view, the
+    actor reads the ones written here (same masks, nothing rewritten), and a float32 run of
+    the same images misses them all (so it never uses bf16 numbers)."""
+    store, plan, meta = make_store(tmp_path / "store", scenes, model)
+    ids = sorted(plan.images)
+    annotator = simulated(store)
+    semi_automatic(store, 1, plan, ids[:1], meta, annotator, SEMI_OPTIONS, encoder_precision="bf16")
+    semi_files = entry_files(store)
+    assert len(semi_files) == 5  # the whole image and 4 crops
+    assert all(path.endswith("-512-bf16.npz") for path in semi_files)
+
+    generator = stage_generator(model, "auto", AUTO_OPTIONS, "bf16")
+    cache = open_embedding_cache(store, model)
+    local = {i: generate_masks(generator, i, load_stored_image(plan.images[i]), cache) for i in ids}
+    files = entry_files(store)
+    assert len(files) == 6 and all(path.endswith("-bf16.npz") for path in files)
+    row = fully_automatic(store, 2, plan, ids, meta, 1, AUTO_OPTIONS, encoder_precision="bf16")
+    assert row["images"] == len(ids)
+    assert entry_files(store) == files  # the bf16 actor read every bf16 embedding
+    stored = stage_masks(store, 2, "auto")
+    for image_id in ids:
+        expected = sorted(r["segmentation"]["counts"] for r in local[image_id])
+        assert sorted(m["segmentation"] for m in stored.get(image_id, [])) == expected
+
+    with AnnotationSession(
+        store, 3, "manual", model, 1, WebAnnotator("a"), encoder_precision="bf16"
+    ) as session:
+        opened = session.state()["image"]["image_id"]
+    assert entry_files(store) == files  # its image's bf16 view was there already
+    assert cache.get(opened, view_key(None, 512, "bf16")) is not None
+    # A float32 stage misses every bf16 entry and writes its own views beside them.
+    fp32 = {
+        i: generate_masks(
+            stage_generator(model, "auto", AUTO_OPTIONS),
+            i,
+            load_stored_image(plan.images[i]),
+            cache,
+        )
+        for i in ids
+    }
+    after = entry_files(store)
+    assert {p: after[p] for p in files} == files and len(after) == len(files) + len(ids)
+    assert sorted(p for p in after if p not in files) == sorted(
+        cache.path(i, "full-512") for i in ids
+    )
+    assert all(len(fp32[i]) > 0 for i in ids)
+
+
 def test_annotation_page_session_reads_and_writes_the_cache(tmp_path, scenes, model):
     store, plan, _ = make_store(tmp_path / "store", scenes, model)
     with AnnotationSession(store, 1, "manual", model, 1, WebAnnotator("a")) as session:
@@ -312,6 +362,11 @@ def test_crop_views_match_the_generator_without_cache(tmp_path, model):
 def test_view_keys_and_bad_keys():
     assert view_key(None, 1024) == "full-1024"
     assert view_key([0, 10, 300, 200], 1024) == "0-10-300-200-1024"
+    assert view_key(None, 1024, "fp32") == "full-1024"
+    assert view_key(None, 1024, "bf16") == "full-1024-bf16"
+    assert view_key([0, 10, 300, 200], 1024, "fp16") == "0-10-300-200-1024-fp16"
+    with pytest.raises(ValueError, match="precision must be a lowercase name"):
+        view_key(None, 1024, "../x")
     with pytest.raises(ValueError, match="XYXY with x0 < x1"):
         view_key([5, 0, 5, 10], 1024)
     with pytest.raises(ValueError, match="4 non-negative integer"):
@@ -404,3 +459,36 @@ def test_every_encoding_command_has_the_opt_out(argv):
     if argv == ["run"]:  # None: the settings' own default (on) applies
         assert "embedding_cache" not in settings_values(on)
         assert settings_values(off)["embedding_cache"] is False
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["run"],
+        ["serve", "--store", "s"],
+        ["prompt-boxes", "--store", "s", "--detections", "d.json"],
+        ["eval", "--annotations", "a.json", "--images", "i"],
+    ],
+)
+def test_every_encoding_command_takes_the_encoder_precision(argv):
+    parser = build_parser()
+    assert parser.parse_args(argv).encoder_precision is None  # the command's default: fp32
+    args = parser.parse_args([*argv, "--encoder-precision", "bf16"])
+    assert args.encoder_precision == "bf16"
+    if argv == ["run"]:
+        assert "encoder_precision" not in settings_values(parser.parse_args(argv))
+        assert settings_values(args)["encoder_precision"] == "bf16"
+
+
+def test_engine_settings_check_the_encoder_precision():
+    from pydantic import ValidationError
+
+    from maskmill.engine.run import EngineSettings
+
+    assert EngineSettings().encoder_precision == "fp32"
+    assert EngineSettings(encoder_precision="bf16").model_dump()["encoder_precision"] == "bf16"
+    with pytest.raises(ValidationError, match="'fp32', 'bf16' or 'fp16'"):
+        EngineSettings(encoder_precision="int8")
+    # The run's own option, not a generator threshold: refused as a generator option.
+    with pytest.raises(ValidationError, match="encoder_precision"):
+        EngineSettings(generator_options={"encoder_precision": "bf16"})

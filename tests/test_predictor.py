@@ -250,20 +250,20 @@ def test_bf16_encoder_autocast_gives_the_fp32_masks():
     painted = scene(seed=5)
     boxes = masks_to_boxes(torch.from_numpy(painted.instances)).numpy()  # XYXY
     masks = {}
-    for autocast in (None, torch.bfloat16):
-        predictor = Predictor(model, encoder_autocast=autocast)
+    for precision in ("fp32", "bf16"):
+        predictor = Predictor(model, encoder_precision=precision)
         predictor.set_image(painted.image)
         assert predictor.get_image_embedding().dtype == torch.float32
-        masks[autocast] = [
+        masks[precision] = [
             predictor.predict(box=box, multimask_output=False)[0][0] for box in boxes
         ]
     assert len(boxes) >= 3
-    for fp32, bf16 in zip(masks[None], masks[torch.bfloat16], strict=True):
+    for fp32, bf16 in zip(masks["fp32"], masks["bf16"], strict=True):
         a, b = (mask_utils.encode(np.asfortranarray(m.astype(np.uint8))) for m in (fp32, bf16))
         assert fp32.sum() > 0
         assert mask_utils.iou([b], [a], [0])[0, 0] >= 0.98
 
 
-def test_encoder_autocast_refuses_other_dtypes(tiny_model):
-    with pytest.raises(ValueError, match="encoder_autocast must be"):
-        Predictor(tiny_model, encoder_autocast=torch.int8)
+def test_encoder_precision_refuses_unknown_names(tiny_model):
+    with pytest.raises(ValueError, match="encoder precision must be one of fp32, bf16, fp16"):
+        Predictor(tiny_model, encoder_precision="int8")

@@ -44,6 +44,7 @@ DEFAULTS = {
     "clip_weights": None,
     "progress": True,
     "embedding_cache": True,
+    "encoder_precision": "fp32",
     "generator_options": {},
 }
 # The JSON-schema limits each field carries into the form (fields without limits: {}).

@@ -97,7 +97,7 @@ from maskmill.engine.stages import (
     stage_metrics,
 )
 from maskmill.engine.web.lane import CLICK, EMBED, ComputeLane
-from maskmill.model import Predictor, Sam, load_model
+from maskmill.model import EncoderPrecision, Predictor, Sam, encoder_autocast_dtype, load_model
 from maskmill.storage import (
     CLAIM_TTL_S,
     ClaimLostError,
@@ -352,6 +352,9 @@ class AnnotationSession:
             their requests, or the page's heartbeat).
         embedding_cache: read and write image embeddings through the store's embedding cache
             (False: encode every image opened).
+        prefill_concepts: semi stage: pre-fill every instance of these concepts.
+        encoder_precision: what the image encoder computes in (``Predictor``): ``"fp32"``, or
+            ``"bf16"`` / ``"fp16"`` autocast.
     """
 
     def __init__(
@@ -368,6 +371,7 @@ class AnnotationSession:
         claim_ttl_s: float = CLAIM_TTL_S,
         embedding_cache: bool = True,
         prefill_concepts: Sequence[str] | None = None,
+        encoder_precision: EncoderPrecision = "fp32",
     ) -> None:
         if stage not in STAGES:
             raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
@@ -380,10 +384,12 @@ class AnnotationSession:
         self.model_version = model_version
         self.model_meta = model_meta or {}
         self.annotator = annotator or WebAnnotator()
+        encoder_autocast_dtype(encoder_precision)  # a bad name fails before the page serves
+        self.encoder_precision = encoder_precision
         self.embeddings = open_embedding_cache(self.store if embedding_cache else None, model)
         self.generator = None
         if stage == "semi":
-            self.generator = stage_generator(model, "semi", generator_options)
+            self.generator = stage_generator(model, "semi", generator_options, encoder_precision)
             check_prefill_concepts(model, prefill_concepts)
         elif prefill_concepts:
             raise ValueError("pre-fill by concept is the semi stage's (--stage semi)")
@@ -443,7 +449,7 @@ class AnnotationSession:
                     self.store, self.round, self.stage, owner, self.claim_ttl_s, shared=True
                 )
                 ws = self._workspaces[user] = _Workspace(
-                    annotator, Predictor(self.model), writer.__enter__()
+                    annotator, Predictor(self.model, self.encoder_precision), writer.__enter__()
                 )
             return ws
 
