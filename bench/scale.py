@@ -32,6 +32,13 @@ row), its time and the driver's RSS growth during it.
 
 ``stats``: ``compute_stats`` over ``--stats-masks`` synthetic mask rows (goal <= 2 s at 10 M).
 
+``gpu`` (not in the default run; :func:`bench_gpu`): the GPU paths of issue 15 item 5 — encoder
+images/s at fp32 / bf16 / fp16 autocast, bf16 and fp16 mask parity with fp32, the automatic
+stage on Ray actors with a GPU each at fp32 and bf16, and a Ray Train retrain on NCCL. Without
+CUDA it runs on the CPU and says so. On a GPU machine:
+
+    python bench/scale.py --sections gpu --model vit_h --images 8 --corpus 64 --workers 1
+
     python bench/scale.py --sections throughput memory --corpus 500 5000 --scale-model small
     python bench/scale.py --sections stats
 
@@ -303,6 +310,138 @@ def bench_stats(args: argparse.Namespace) -> dict[str, Any]:
     return figures
 
 
+def bench_gpu(args: argparse.Namespace) -> dict[str, Any]:
+    """The ``gpu`` section (issue 15, item 5): the GPU paths, measured wherever it runs (without
+    CUDA it runs them on the CPU and ``device`` says so: those are not GPU figures).
+
+    - Encoder speed: ``--model`` (random weights; ``vit_h`` for SAM's largest) encodes
+      ``--images`` photo-like 1024x768 images ``--gpu-batch`` at a time at each encoder
+      precision (one warm-up call first): images/s and the ratio to fp32.
+    - Parity: the shipped model, or ``--checkpoint`` (e.g. an official SAM file), prompted with
+      the box of every object of ``--images`` generated scenes at each precision: mask IoU
+      with fp32, smallest and mean (the bar: >= 0.98).
+    - Actors: the automatic stage over ``--corpus[0]`` generated images on ``--workers`` Ray
+      actors (a GPU each where the cluster has them) at fp32, then bf16: images/s after the
+      actors started, and the actors' devices.
+    - Ray Train: a retrain of the shipped model (``--retrain-steps`` steps on four generated
+      scenes) on as many workers as the machine has GPUs (1 without): its device, process
+      group backend (nccl on GPUs) and seconds.
+    """
+    from pycocotools import mask as mask_utils
+    from torchvision.ops import masks_to_boxes
+
+    from maskmill.engine.training.synthetic import photo_like, scene
+    from maskmill.model import ENCODER_PRECISIONS, Predictor, load_model
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    figures: dict[str, Any] = {
+        "device": torch.cuda.get_device_name() if device == "cuda" else "cpu (no CUDA)",
+        "encoder_model": args.model,
+    }
+
+    def synchronize() -> None:
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    model = build_model(args.model, seed=0).to(device).eval()
+    photos = [photo_like(768, 1024, seed=args.seed + i) for i in range(args.images)]
+    rates = {}
+    for precision in ENCODER_PRECISIONS:
+        predictor = Predictor(model, precision)
+        predictor.embed_images(photos[:1], batch_size=1)  # warm-up: kernels picked, caches filled
+        synchronize()
+        started = time.perf_counter()
+        predictor.embed_images(photos, batch_size=args.gpu_batch)
+        synchronize()
+        rates[precision] = len(photos) / (time.perf_counter() - started)
+        figures[f"encoder_{precision}_images_per_s"] = rates[precision]
+    for precision in ENCODER_PRECISIONS[1:]:
+        figures[f"encoder_{precision}_speedup"] = rates[precision] / rates["fp32"]
+    del model, predictor
+    if device == "cuda":
+        torch.cuda.empty_cache()
+
+    trained, source = load_model(args.checkpoint, device=device)
+    figures["parity_model"] = source
+    masks: dict[str, list[np.ndarray]] = {p: [] for p in ENCODER_PRECISIONS}
+    for index in range(args.images):
+        painted = scene(seed=args.seed + index)
+        boxes = masks_to_boxes(torch.from_numpy(painted.instances)).numpy()  # XYXY
+        for precision in ENCODER_PRECISIONS:
+            predictor = Predictor(trained, precision)
+            predictor.set_image(painted.image)
+            for box in boxes:
+                mask = predictor.predict(box=box, multimask_output=False)[0][0]
+                masks[precision].append(mask_utils.encode(np.asfortranarray(mask.astype(np.uint8))))
+    figures["parity_masks"] = len(masks["fp32"])
+    for precision in ENCODER_PRECISIONS[1:]:
+        ious = [
+            mask_utils.iou([low], [full], [0])[0, 0]
+            for low, full in zip(masks[precision], masks["fp32"], strict=True)
+        ]
+        figures[f"parity_{precision}_iou_min"] = float(min(ious))
+        figures[f"parity_{precision}_iou_mean"] = float(np.mean(ious))
+
+    init_ray()
+    with tempfile.TemporaryDirectory() as tmp:
+        store, plan, meta = corpus_store(Path(tmp), args.corpus[0], args)
+        for round_, precision in enumerate(("fp32", "bf16"), start=1):
+            started = time.perf_counter()
+            row = fully_automatic(
+                store,
+                round_,
+                plan,
+                plan.auto,
+                meta,
+                args.workers,
+                {"points_per_side": args.points_per_side},
+                embedding_cache=False,
+                encoder_precision=precision,
+            )
+            wall = time.perf_counter() - started
+            metrics = _metrics(row)
+            steady = wall - metrics["pool_start_seconds"]
+            figures[f"actors_{precision}_images_per_s"] = args.corpus[0] / steady
+        figures["actor_devices"] = ",".join(metrics["actor_devices"])
+        figures["actors"] = args.workers
+    figures.update(_gpu_retrain(args))
+    return figures
+
+
+def _gpu_retrain(args: argparse.Namespace) -> dict[str, Any]:
+    """The Ray Train part of :func:`bench_gpu`: the retraining step (``retrain._fit``, what
+    ``maskmill run`` calls between rounds) on the shipped model and four generated scenes."""
+    from PIL import Image
+
+    from maskmill.engine.training.retrain import RetrainConfig, _fit
+    from maskmill.engine.training.synthetic import scene
+    from maskmill.model import load_default, save_checkpoint
+    from maskmill.storage import rle
+
+    workers = max(1, torch.cuda.device_count())
+    with tempfile.TemporaryDirectory() as tmp:
+        base = os.path.join(tmp, "base.pt")
+        save_checkpoint(load_default(), base)
+        samples = []
+        for index in range(4):
+            generated = scene(seed=args.seed + 100 + index)
+            uri = os.path.join(tmp, f"scene-{index}.png")
+            Image.fromarray(generated.image).save(uri)
+            masks = [rle.encode(m) for m in generated.all_masks(64)]
+            samples.append({"image_id": f"s{index}", "uri": uri, "round": 1, "masks": masks})
+        config = RetrainConfig(workers=workers, seed=args.seed)
+        started = time.perf_counter()
+        _, metrics = _fit(base, samples, config, steps=args.retrain_steps, seen_round=1)
+        seconds = time.perf_counter() - started
+    return {
+        "train_workers": workers,
+        "train_device": metrics["train_device"],
+        "train_backend": metrics["train_backend"],
+        "train_seconds": seconds,
+        "train_steps": args.retrain_steps,
+    }
+
+
 def _metrics(row: dict[str, Any]) -> dict[str, Any]:
     import json
 
@@ -315,6 +454,7 @@ SECTIONS: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
     "throughput": bench_throughput,
     "memory": bench_memory,
     "stats": bench_stats,
+    "gpu": bench_gpu,
 }
 
 
@@ -334,8 +474,8 @@ def main(argv: list[str] | None = None) -> int:
         "--sections",
         nargs="+",
         choices=sorted(SECTIONS),
-        default=sorted(SECTIONS),
-        help="sections to run (default: all)",
+        default=sorted(set(SECTIONS) - {"gpu"}),
+        help="sections to run (default: all but gpu, which is for a GPU machine)",
     )
     parser.add_argument("--images", type=int, default=4, help="generated scenes (default 4)")
     parser.add_argument(
@@ -364,6 +504,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--stats-masks", type=int, default=10_000_000, help="stats: mask rows (default 10 M)"
+    )
+    parser.add_argument(
+        "--gpu-batch", type=int, default=4, help="gpu: images per encoder call (default 4)"
+    )
+    parser.add_argument(
+        "--checkpoint", help="gpu: the trained model of the parity check (default: shipped)"
+    )
+    parser.add_argument(
+        "--retrain-steps", type=int, default=20, help="gpu: Ray Train steps (default 20)"
     )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)

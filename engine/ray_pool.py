@@ -89,12 +89,16 @@ class WorkersLostError(RuntimeError):
 class _Worker:
     """What every pool actor reports about itself (a base of the actor classes)."""
 
+    device = "cpu"  # the torch device its model is on (``cuda`` where Ray gave it a GPU)
+
     def where(self) -> dict[str, Any]:
-        """The actor's node id (Ray's, hex), process id and peak resident memory (bytes)."""
+        """The actor's node id (Ray's, hex), process id, peak resident memory (bytes) and torch
+        device."""
         return {
             "node_id": ray.get_runtime_context().get_node_id(),
             "pid": os.getpid(),
             "peak_rss": peak_rss_bytes(),
+            "device": self.device,
         }
 
 
@@ -150,7 +154,8 @@ class GeneratorActor(_Worker):
 
         # One actor per core: more threads each would only fight over the same cores.
         torch.set_num_threads(max(1, threads))
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+        # Ray sets CUDA_VISIBLE_DEVICES per actor: a GPU is visible only when it was given one.
+        device = self.device = "cuda" if torch.cuda.is_available() else "cpu"
         model = load_checkpoint(checkpoint, device=device)
         self.generator = stage_generator(model, preset, options, encoder_precision)
         self.cache = open_embedding_cache(cache_store, model)
@@ -191,7 +196,8 @@ class BoxActor(_Worker):
         from maskmill.model import Predictor, load_model
 
         torch.set_num_threads(max(1, threads))
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+        # Ray sets CUDA_VISIBLE_DEVICES per actor: a GPU is visible only when it was given one.
+        device = self.device = "cuda" if torch.cuda.is_available() else "cpu"
         model, _ = load_model(checkpoint, device=device)
         self.predictor = Predictor(model, encoder_precision)
         self.cache = open_embedding_cache(cache_store, model)

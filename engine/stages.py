@@ -419,13 +419,15 @@ def fully_automatic(
 def _pool_figures(pool: Any) -> dict[str, Any]:
     """What a finished pool tells of the cluster: ``worker_nodes`` (distinct nodes its actors
     ran on), ``workers_lost`` (actors that died), ``jobs_resubmitted`` (their images sent to
-    the survivors) and ``actor_peak_rss_mb`` (the largest peak memory of a surviving actor)."""
+    the survivors), ``actor_peak_rss_mb`` (the largest peak memory of a surviving actor) and
+    ``actor_devices`` (the surviving actors' torch devices, sorted: ``["cuda"]`` on GPUs)."""
     survivors = pool.where()
     return {
         "worker_nodes": len(set(pool.node_ids)),
         "workers_lost": pool.lost,
         "jobs_resubmitted": pool.resubmitted,
         "actor_peak_rss_mb": max((w["peak_rss"] for w in survivors), default=0) / 2**20,
+        "actor_devices": sorted({w["device"] for w in survivors}),
     }
 
 

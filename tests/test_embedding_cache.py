@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import ray
 import torch
 
 from maskmill.engine.annotators import SimulatedAnnotator
@@ -260,6 +261,9 @@ def test_bf16_stages_and_actors_keep_their_own_cache_views(tmp_path, scenes, mod
     assert len(files) == 6 and all(path.endswith("-bf16.npz") for path in files)
     row = fully_automatic(store, 2, plan, ids, meta, 1, AUTO_OPTIONS, encoder_precision="bf16")
     assert row["images"] == len(ids)
+    # The stage says where its actors' models were: a GPU each where Ray has GPUs.
+    on_gpus = ray.cluster_resources().get("GPU", 0) >= 1
+    assert json.loads(row["metrics"])["actor_devices"] == ["cuda" if on_gpus else "cpu"]
     assert entry_files(store) == files  # the bf16 actor read every bf16 embedding
     stored = stage_masks(store, 2, "auto")
     for image_id in ids:

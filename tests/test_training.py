@@ -588,6 +588,12 @@ def test_two_worker_retrain_averages_gradients_and_repeats_exactly(ray_cluster, 
     assert metrics["steps"] == 3 and metrics["workers"] == 2
     # One machine: both ranks on its one node (tests/test_ray_cluster.py checks two nodes).
     assert metrics["train_worker_nodes"] == 1 and len(metrics["train_node_ids"]) == 1
+    # On what: DDP over gloo on CPUs (NCCL where Ray Train gives each worker a GPU).
+    from maskmill.engine.ray_pool import gpus_available
+
+    on_gpus = gpus_available(at_least=2)
+    assert metrics["train_device"] == ("cuda" if on_gpus else "cpu")
+    assert metrics["train_backend"] == ("nccl" if on_gpus else "gloo")
     assert metrics["train_loss_first"] > 0 and 0.0 <= metrics["train_iou_final_last"] <= 1.0
     # The same command trains the same model, bit for bit.
     for (name, a), b in zip(first.state_dict().items(), second.state_dict().values(), strict=True):

@@ -24,7 +24,8 @@ AdamW step, so all replicas stay equal. Every draw is a function of the seed, th
 worker's rank, so the same command trains the same model. Workers report their loss through
 ``ray.train.report`` about every tenth of the steps; rank 0 reports the trained weights as the
 run's checkpoint. Workers are placed ``SPREAD`` (one per node while there are nodes with a free
-CPU), and the run's metrics say where they ran (``train_worker_nodes``, ``train_node_ids``).
+CPU), and the run's metrics say where they ran (``train_worker_nodes``, ``train_node_ids``) and
+on what (``train_device``, ``train_backend``).
 
 Promotion: the base and the candidate are scored by 1-click mIoU on the validation images'
 annotated masks (``engine.plan.evaluate_validation``); the candidate is promoted when its score
@@ -702,6 +703,11 @@ def _train_loop(loop_config: dict[str, Any]) -> None:
     node_ids = _rank_node_ids(world)
     metrics["train_worker_nodes"] = len(set(node_ids))
     metrics["train_node_ids"] = sorted(set(node_ids))
+    # And on what: the model's device (cuda where Ray Train gave each worker a GPU) and the
+    # process group's backend (nccl on GPUs, gloo on CPUs; none for a single worker).
+    metrics["train_device"] = model.device.type
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    metrics["train_backend"] = str(torch.distributed.get_backend()) if distributed else None
     if isinstance(simulation_step, DistributedDataParallel):
         simulation_step = simulation_step.module
     with tempfile.TemporaryDirectory(prefix="maskmill-retrain-ckpt-") as folder:
