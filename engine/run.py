@@ -244,20 +244,15 @@ def annotate_round(settings: EngineSettings, round_: int) -> dict[str, Any]:
     # The thresholds are the model's own presets (stored with its weights); the user's
     # generator options override them.
     options = {"points_per_side": settings.points_per_side, **settings.generator_options}
+    # What every stage takes from the settings alike.
+    common = {
+        "progress": settings.progress,
+        "embedding_cache": settings.embedding_cache,
+        "encoder_precision": settings.encoder_precision,
+    }
     if stage == "auto":
         init_ray(settings.ray_address)
-        return fully_automatic(
-            store,
-            round_,
-            plan,
-            ids,
-            meta,
-            settings.workers,
-            options,
-            settings.progress,
-            settings.embedding_cache,
-            settings.encoder_precision,
-        )
+        return fully_automatic(store, round_, plan, ids, meta, settings.workers, options, **common)
     truth, names = ground_truth(store), ground_truth_categories(store)
     annotator = SimulatedAnnotator(
         lambda image_id: truth.get(image_id, []),
@@ -266,17 +261,7 @@ def annotate_round(settings: EngineSettings, round_: int) -> dict[str, Any]:
         max_clicks=settings.max_clicks,
     )
     if stage == "manual":
-        return assisted_manual(
-            store,
-            round_,
-            plan,
-            ids,
-            meta,
-            annotator,
-            settings.progress,
-            settings.embedding_cache,
-            settings.encoder_precision,
-        )
+        return assisted_manual(store, round_, plan, ids, meta, annotator, **common)
     return semi_automatic(
         store,
         round_,
@@ -285,10 +270,8 @@ def annotate_round(settings: EngineSettings, round_: int) -> dict[str, Any]:
         meta,
         annotator,
         options,
-        settings.progress,
-        settings.embedding_cache,
-        settings.prefill_concepts,
-        settings.encoder_precision,
+        prefill_concepts=settings.prefill_concepts,
+        **common,
     )
 
 

@@ -455,33 +455,18 @@ def test_stats_report_the_cache_size(tmp_path, scenes, model):
         ["eval", "--annotations", "a.json", "--images", "i"],
     ],
 )
-def test_every_encoding_command_has_the_opt_out(argv):
+def test_every_encoding_command_has_the_opt_out_and_the_encoder_precision(argv):
     parser = build_parser()
     on, off = parser.parse_args(argv), parser.parse_args([*argv, "--no-embedding-cache"])
     assert off.embedding_cache is False
     assert on.embedding_cache is (None if argv == ["run"] else True)
-    if argv == ["run"]:  # None: the settings' own default (on) applies
-        assert "embedding_cache" not in settings_values(on)
+    assert on.encoder_precision is None  # the command's default: fp32
+    bf16 = parser.parse_args([*argv, "--encoder-precision", "bf16"])
+    assert bf16.encoder_precision == "bf16"
+    if argv == ["run"]:  # None: the settings' own defaults (on, fp32) apply
+        assert not {"embedding_cache", "encoder_precision"} & set(settings_values(on))
         assert settings_values(off)["embedding_cache"] is False
-
-
-@pytest.mark.parametrize(
-    "argv",
-    [
-        ["run"],
-        ["serve", "--store", "s"],
-        ["prompt-boxes", "--store", "s", "--detections", "d.json"],
-        ["eval", "--annotations", "a.json", "--images", "i"],
-    ],
-)
-def test_every_encoding_command_takes_the_encoder_precision(argv):
-    parser = build_parser()
-    assert parser.parse_args(argv).encoder_precision is None  # the command's default: fp32
-    args = parser.parse_args([*argv, "--encoder-precision", "bf16"])
-    assert args.encoder_precision == "bf16"
-    if argv == ["run"]:
-        assert "encoder_precision" not in settings_values(parser.parse_args(argv))
-        assert settings_values(args)["encoder_precision"] == "bf16"
+        assert settings_values(bf16)["encoder_precision"] == "bf16"
 
 
 def test_engine_settings_check_the_encoder_precision():
