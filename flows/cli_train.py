@@ -209,7 +209,7 @@ def _register_eval(subparsers: argparse._SubParsersAction) -> None:
 
 def run_eval(args: argparse.Namespace) -> int:
     from maskmill.engine.evaluate import evaluate_coco, evaluate_concepts, format_table
-    from maskmill.model import encoder_autocast_dtype, load_model
+    from maskmill.model import load_model
 
     if args.store and args.checkpoint:
         raise ValueError("give --store or --checkpoint, not both")
@@ -232,8 +232,8 @@ def run_eval(args: argparse.Namespace) -> int:
             require_text_head(model, clip)
         else:
             require_concept_head(model)
+    # A bad name is refused by evaluate_coco's Predictor, before the long part.
     precision = args.encoder_precision or "fp32"
-    encoder_autocast_dtype(precision)  # a bad name: refused before the long part
     cache = None
     if args.store and args.embedding_cache:
         from maskmill.engine.embeddings import open_embedding_cache

@@ -60,7 +60,7 @@ class Predictor:
     """
 
     def __init__(self, model: Sam, encoder_precision: EncoderPrecision = "fp32") -> None:
-        self.encoder_autocast = encoder_autocast_dtype(encoder_precision)
+        encoder_autocast_dtype(encoder_precision)  # an unknown name is refused here
         self.encoder_precision = encoder_precision
         self.model = model
         self._embedding: ImageEmbedding | None = None
@@ -306,10 +306,11 @@ class Predictor:
 
     def _encode(self, batch: torch.Tensor) -> torch.Tensor:
         """(B, 3, S, S) preprocessed pixels -> (B, C, h, w) features in the model's dtype."""
-        if self.encoder_autocast is None:
+        autocast = encoder_autocast_dtype(self.encoder_precision)
+        if autocast is None:
             return self.model.image_encoder(batch)
         device_type = self.model.device.type
-        with torch.autocast(device_type=device_type, dtype=self.encoder_autocast):
+        with torch.autocast(device_type=device_type, dtype=autocast):
             features = self.model.image_encoder(batch)
         return features.to(self._dtype)
 
